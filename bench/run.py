@@ -1,0 +1,165 @@
+"""One run, start to finish: the straight line that `python -m bench`, sweeps and tests all go through.
+
+    validate -> task data -> backbone (+ quantization) -> method -> train (+ periodic eval) -> save -> MLflow
+
+`python -m bench.run --config C --run-id R --out-dir D` runs one job in a fresh worker process (bench.__main__
+starts one per job so that no run's memory figures depend on the runs before it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from bench import methods, models, tasks, train
+from bench.config import validate
+from bench.errors import BenchError
+from bench.measure import Meter
+from bench.track import Tracker, provenance, run_name
+
+
+@dataclass
+class Result:
+    """What a run produced; `metrics` keys are the exact MLflow metric names (README: Metrics)."""
+    name: str
+    status: str                                   # FINISHED | FAILED | KILLED
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    def write(self, out_dir: Path) -> Path:
+        """result.json, written atomically (temp file, then rename)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path, tmp = out_dir / "result.json", out_dir / ".result.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, out_dir: Path) -> "Result | None":
+        path = Path(out_dir) / "result.json"
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchError("device: cuda requested but no CUDA device is available; valid here: auto, cpu")
+    return torch.device(name)
+
+
+def error_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:1000] if str(e) else type(e).__name__
+
+
+def run(cfg, out_dir: Path, *, run_id: str | None = None, tracker: Tracker | None = None,
+        on_eval=None) -> Result:
+    """Execute one run and log it; a run that raises is ended FAILED (KILLED on interrupt) and re-raised."""
+    out_dir = Path(out_dir)
+    validate(cfg)
+    quiet_libraries()
+    started = time.perf_counter()  # time/total_s: wall-clock from here (before data and model load) to saved ckpt
+    tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    run_id = run_id or tracker.start(cfg)
+    result = Result(name=run_name(cfg), status="RUNNING", run_id=run_id)
+    try:
+        tracker.log_config(run_id, cfg)
+        if cfg.train.threads:
+            torch.set_num_threads(int(cfg.train.threads))
+        device = pick_device(cfg.device)
+        tracker.set_tags(run_id, provenance(device))
+        meter = Meter(device)
+        seed = int(cfg.seed)
+
+        data = tasks.load(cfg.task, seed)
+        _seed(seed)  # the new head's init depends on the seed only, not on the method
+        model, tokenizer = models.load(cfg.model, cfg.quant, data.num_labels, device)
+        _seed(seed)  # set again right before the method is built, so the seed reaches adapter initialization
+        model = methods.apply(model, cfg.method, cfg.model)
+        train_ds, eval_ds = tasks.tokenize(data, tokenizer, cfg.train.max_length)
+        trainable, total = methods.count_parameters(model)
+        tracker.log_metrics(run_id, {"params/trainable": trainable, "params/total": total})
+
+        metrics = train.fit(model, train_ds, eval_ds, tokenizer, cfg.train, seed=seed, num_labels=data.num_labels,
+                            device=device, meter=meter, on_eval=on_eval,
+                            log=lambda m, step: tracker.log_metrics(run_id, m, step))
+        ckpt_bytes = methods.save(model, cfg.method, out_dir / "ckpt")
+        metrics.update({
+            "params/trainable": trainable,                       # parameters with requires_grad during training
+            "params/total": total,                               # see methods.count_parameters
+            "params/trainable_pct": 100.0 * trainable / total,
+            "ckpt/bytes": ckpt_bytes,                            # see methods.save
+            "time/train_s": meter.seconds["train"],              # training steps only, evaluation excluded
+            "time/eval_s": meter.seconds["eval"],                # all periodic + final evaluations
+            "time/total_s": time.perf_counter() - started,
+            "mem/peak_train_bytes": meter.peak_bytes["train"],   # see bench/measure.py
+            "mem/peak_eval_bytes": meter.peak_bytes["eval"],
+        })
+        if device.type == "cuda":
+            metrics["mem/peak_train_reserved_bytes"] = meter.peak_reserved_bytes["train"]
+            metrics["mem/peak_eval_reserved_bytes"] = meter.peak_reserved_bytes["eval"]
+        result.metrics = metrics
+        result.tags = {"mem_source": "cuda_allocated" if device.type == "cuda"
+                       else ("rss_phase_peak" if meter.rss_resettable else "rss_lifetime_peak")}
+        tracker.log_metrics(run_id, metrics, step=int(metrics["train/steps"]))
+        tracker.set_tags(run_id, result.tags)
+        result.status = "FINISHED"
+        tracker.log_json(run_id, asdict(result), "result.json")
+        result.write(out_dir)
+        tracker.end(run_id, "FINISHED")
+        return result
+    except BaseException as e:
+        result.status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        result.error = error_line(e)
+        result.write(out_dir)
+        try:
+            tracker.end(run_id, result.status, result.error)
+        except Exception:  # the store itself may be what failed; the result file still says why
+            pass
+        raise
+
+
+def quiet_libraries() -> None:
+    """Keep the console to the harness's own lines and the training progress bar."""
+    import datasets
+    import transformers
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()  # e.g. the load report listing the new head's weights
+    transformers.logging.disable_progress_bar()
+
+
+def _seed(seed: int) -> None:
+    from transformers import set_seed
+    set_seed(seed)  # python, numpy and torch (all devices)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Run one job from a resolved config (used by `python -m bench`).")
+    p.add_argument("--config", required=True, help="resolved config YAML")
+    p.add_argument("--run-id", required=True, help="MLflow run opened by the parent process")
+    p.add_argument("--out-dir", required=True)
+    a = p.parse_args(argv)
+    cfg = OmegaConf.load(a.config)
+    try:
+        run(cfg, Path(a.out_dir), run_id=a.run_id)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        print(f"error: {error_line(e)}")
+        if not isinstance(e, BenchError):
+            traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

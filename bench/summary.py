@@ -1,0 +1,69 @@
+"""The table printed at the end of `python -m bench` (single run or multirun), read from the jobs' result.json.
+
+It is a Hydra callback so it also works when a launcher runs the jobs in other processes; the process exits
+non-zero when any run failed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from rich.console import Console
+from rich.table import Table
+
+from bench.run import Result
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def table(results: list[Result]) -> Table:
+    t = Table(title="peft-bench summary")
+    for col in ("run", "status", "accuracy", "f1 macro", "peak train mem", "train time", "checkpoint",
+                "trainable %"):
+        t.add_column(col, justify="left" if col in ("run", "status") else "right")
+    for r in results:
+        m = r.metrics
+        fmt = lambda key, f: f(m[key]) if key in m else "-"  # noqa: E731
+        t.add_row(r.name, r.status, fmt("eval/accuracy", lambda v: f"{v:.4f}"),
+                  fmt("eval/f1_macro", lambda v: f"{v:.4f}"), human_bytes(m.get("mem/peak_train_bytes")),
+                  fmt("time/train_s", lambda v: f"{v:.1f} s"), human_bytes(m.get("ckpt/bytes")),
+                  fmt("params/trainable_pct", lambda v: f"{v:.3f}"))
+    return t
+
+
+def report(results: list[Result], config) -> None:
+    console = Console()
+    console.print(table(results))
+    for r in results:
+        if r.status != "FINISHED":
+            console.print(f"[red]{r.name}: {r.status}[/red] {r.error or ''}", highlight=False)
+    uri = config.tracking.uri
+    console.print(f"MLflow store: {uri}  (UI: mlflow ui --backend-store-uri {uri}, then open the experiment "
+                  f"{config.tracking.experiment!r} with ?workflowType=machine_learning for the runs table)",
+                  highlight=False)
+    if any(r.status != "FINISHED" for r in results):
+        raise SystemExit(1)
+
+
+def _job_order(path: Path) -> tuple[int, str]:
+    head = path.parent.name.split("-", 1)[0]
+    return (int(head) if head.isdigit() else 1 << 30, path.parent.name)
+
+
+class MultirunSummary(Callback):
+    def on_run_end(self, config, **kwargs) -> None:
+        result = Result.read(Path(config.hydra.runtime.output_dir))
+        if result is not None:
+            report([result], config)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        paths = sorted(Path(config.hydra.sweep.dir).glob("*/result.json"), key=_job_order)
+        report([Result.read(p.parent) for p in paths], config)
