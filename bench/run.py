@@ -118,10 +118,13 @@ def run(cfg, out_dir: Path, *, run_id: str | None = None, tracker: Tracker | Non
         tracker.end(run_id, "FINISHED")
         return result
     except BaseException as e:
-        result.status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        # an exception may name its own outcome (e.g. a sweep's pruned trial: KILLED + the step it stopped at)
+        result.status = "KILLED" if isinstance(e, KeyboardInterrupt) else getattr(e, "mlflow_status", "FAILED")
         result.error = error_line(e)
+        result.tags.update(getattr(e, "mlflow_tags", {}))
         result.write(out_dir)
         try:
+            tracker.set_tags(run_id, result.tags)
             tracker.end(run_id, result.status, result.error)
         except Exception:  # the store itself may be what failed; the result file still says why
             pass
@@ -130,8 +133,11 @@ def run(cfg, out_dir: Path, *, run_id: str | None = None, tracker: Tracker | Non
 
 def quiet_libraries() -> None:
     """Keep the console to the harness's own lines and the training progress bar."""
+    import warnings
+
     import datasets
     import transformers
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()  # e.g. the load report listing the new head's weights
     transformers.logging.disable_progress_bar()

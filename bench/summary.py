@@ -40,7 +40,7 @@ def table(results: list[Result]) -> Table:
 
 
 def report(results: list[Result], config) -> None:
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 160)  # logs and CI: do not wrap at 80
     console.print(table(results))
     for r in results:
         if r.status != "FINISHED":
