@@ -1,0 +1,78 @@
+"""`python -m bench.report`: which PEFT method to use, answered from the runs in MLflow.
+
+    MLflow runs -> data.py (groups task × model × quant, one row per method, mean ± 95 % CI over seeds,
+    Pareto frontiers) -> plots.py (PNGs) + sweeps.py (per study) -> markdown.py (the report)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from bench.errors import BenchError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "peft-bench"
+
+
+def build_report(uri: str, experiments: list[str], out: Path) -> tuple[Path, list[Path]]:
+    """Read the runs, write `out` (Markdown) and its PNGs into the folder `out` without `.md`; return the paths."""
+    from bench.report import data as data_mod
+    from bench.report import markdown, plots, sweeps
+
+    data = data_mod.load(uri, experiments)
+    studies = sweeps.studies(data.sweep_runs)
+    out = Path(out)
+    assets = out.with_suffix("")  # reports/NAME.md -> reports/NAME/ holds its plots
+    written: list[Path] = []
+    group_plots, sweep_plots = {}, {}
+    for group in data.groups:
+        path = assets / f"acc-{group.slug}.png"
+        plots.group_plot(group, path)
+        group_plots[group.slug] = f"{assets.name}/{path.name}"
+        written.append(path)
+    for study in studies:
+        axes = study.plot_axes
+        if axes is None or not study.finished:
+            continue
+        x, y = axes
+        points, best = study.plot_points()
+        path = assets / f"sweep-{data_mod.safe_name(study.name)}.png"
+        plots.sweep_plot(study.name, points, best, x, y or study.objective, study.objective,
+                         study.direction == "maximize", path)
+        sweep_plots[study.name] = f"{assets.name}/{path.name}"
+        written.append(path)
+    for pattern in ("acc-*.png", "sweep-*.png"):  # only this report's own plots of groups or studies now gone
+        for stale in sorted(assets.glob(pattern)) if assets.is_dir() else []:
+            if stale not in written:
+                stale.unlink()
+    markdown.write(markdown.render(data, studies, group_plots, sweep_plots), out)
+    return out, written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.report",
+                                description="Write a method-selection report (Markdown + PNG plots) from MLflow runs.")
+    p.add_argument("--experiment", action="append", metavar="NAME",
+                   help=f"MLflow experiment to read; repeat for several (default: {DEFAULT_EXPERIMENT})")
+    p.add_argument("--tracking-uri", default=DEFAULT_URI, metavar="URI",
+                   help=f"MLflow tracking URI (default: {DEFAULT_URI}, the store `python -m bench` writes)")
+    p.add_argument("--out", metavar="reports/NAME.md",
+                   help="Markdown file to write; its plots go to the folder of the same name without .md "
+                        "(default: reports/<experiment>.md)")
+    a = p.parse_args(argv)
+    experiments = a.experiment or [DEFAULT_EXPERIMENT]
+    out = Path(a.out) if a.out else Path("reports") / f"{'+'.join(experiments)}.md"
+    if out.suffix != ".md":
+        print(f"error: --out: {out} must end in .md", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # an unreachable server: fail in seconds
+    try:
+        path, pngs = build_report(a.tracking_uri, experiments, out)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    plots = f" and {len(pngs)} plot{'s' if len(pngs) != 1 else ''} in {path.with_suffix('')}/" if pngs else ""
+    print(f"wrote {path}{plots}")
+    return 0
