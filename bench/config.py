@@ -1,51 +1,350 @@
-"""Checks on the composed config, run before any model or data is loaded and before any MLflow run exists."""
+"""Checks on the composed config, run before any model or data is loaded and before any MLflow run exists.
+
+`validate(cfg)` raises BenchError with one line: the key or file, what is wrong, the valid choices or range.
+Cheap checks first (numbers, choices, the tracking store reachable within a few seconds); then the data
+files (read, columns, labels) and the model's config.json (an empty meta-device instance: module names for
+target_modules and head_modules, forward arguments for prompt-style methods).
+`check_command(overrides, multirun)` composes every job of a command line with Hydra and validates each, so
+`python -m bench` stops before the first job starts.
+"""
 from __future__ import annotations
 
+import functools
 import importlib.util
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from bench.errors import BenchError
 
+GROUPS = ("method", "model", "task", "quant")
+TRACKING_TIMEOUT_S = 5
+EXAMPLES = {"model.name_or_path": "a hub id or a local model folder with config.json",
+            "task.path": "a csv / tsv / jsonl / parquet file", "task.dataset": "a hub dataset id or a local folder"}
 
-def _positive(cfg, key: str, value, *, allow_none: bool = False) -> None:
+
+def _positive(key: str, value, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise BenchError(f"{key}: must be a number > 0, got {value!r}")
 
 
+def _bool(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise BenchError(f"{key}: must be true or false, got {value!r}")
+
+
+def has_bitsandbytes() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def validate(cfg) -> None:
     """Raise BenchError naming the offending key, what is wrong and the valid choices or range."""
-    from bench import methods, models, tasks
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        raise BenchError(f"{key}: required but not set; pass {key}=... ({EXAMPLES.get(key, 'a value')})")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise BenchError(f"device: unknown device {cfg.device!r}; valid: auto, cpu, cuda")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise BenchError(f"seed: must be an integer, got {cfg.seed!r}")
+    _bool("rerun", cfg.get("rerun", False))
+    _bool("train.isolate", cfg.train.isolate)
+    _bool("model.trust_remote_code", cfg.model.trust_remote_code)
 
+    t = cfg.train
+    for key in ("lr", "batch_size", "eval_batch_size", "max_length", "log_every", "max_grad_norm"):
+        _positive(f"train.{key}", t[key])
+    _positive("train.eval_every", t.eval_every, allow_none=True)
+    _positive("train.threads", t.threads, allow_none=True)
+    if t.max_steps is None and t.epochs is None:
+        raise BenchError("train.max_steps / train.epochs: both unset; set one to a number > 0")
+    _positive("train.max_steps", t.max_steps, allow_none=True)
+    _positive("train.epochs", t.epochs, allow_none=True)
+    if not isinstance(t.warmup_ratio, (int, float)) or not 0 <= t.warmup_ratio < 1:
+        raise BenchError(f"train.warmup_ratio: must lie in [0, 1), got {t.warmup_ratio!r}")
+    if not isinstance(t.weight_decay, (int, float)) or t.weight_decay < 0:
+        raise BenchError(f"train.weight_decay: must be a number >= 0, got {t.weight_decay!r}")
+    for key in ("r", "alpha", "reduction_factor", "num_virtual_tokens"):
+        if key in cfg.method:
+            _positive(f"method.{key}", cfg.method[key])
+    if "dropout" in cfg.method and not (isinstance(cfg.method.dropout, (int, float))
+                                        and 0 <= cfg.method.dropout < 1):
+        raise BenchError(f"method.dropout: must lie in [0, 1), got {cfg.method.dropout!r}")
+    for key in ("max_train_samples", "max_eval_samples"):  # larger than the split: clamped, with a note
+        _positive(f"task.{key}", cfg.task[key], allow_none=True)
+
+    if cfg.quant.name != "none":
+        if cfg.method.kind == "full":
+            raise BenchError(f"quant={cfg.quant.name} with method=full: quantized weights cannot be fine-tuned "
+                             "directly; use quant=none for full fine-tuning, or a PEFT method (e.g. lora = QLoRA)")
+        if not has_bitsandbytes():
+            raise BenchError(f"quant={cfg.quant.name}: bitsandbytes is not installed (pip install bitsandbytes); "
+                             "or use quant=none")
+
+    check_tracking(str(cfg.tracking.uri), cfg.tracking.experiment)
+
+    from bench import methods, models, tasks  # torch, transformers, datasets: only past the cheap checks
     if cfg.method.kind not in methods.KINDS:
         raise BenchError(f"method.kind: unknown kind {cfg.method.kind!r}; valid: {', '.join(methods.KINDS)}")
     if cfg.model.source not in models.SOURCES:
         raise BenchError(f"model.source: unknown source {cfg.model.source!r}; valid: {', '.join(models.SOURCES)}")
     if cfg.task.loader not in tasks.LOADERS:
         raise BenchError(f"task.loader: unknown loader {cfg.task.loader!r}; valid: {', '.join(tasks.LOADERS)}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise BenchError(f"device: unknown device {cfg.device!r}; valid: auto, cpu, cuda")
+    check_data(cfg.task)
+    check_model(cfg)
 
-    t = cfg.train
-    for key in ("lr", "batch_size", "eval_batch_size", "max_length", "log_every"):
-        _positive(cfg, f"train.{key}", t[key])
-    _positive(cfg, "train.eval_every", t.eval_every, allow_none=True)
-    if t.max_steps is None and t.epochs is None:
-        raise BenchError("train.max_steps / train.epochs: both unset; set one to a number > 0")
-    _positive(cfg, "train.max_steps", t.max_steps, allow_none=True)
-    _positive(cfg, "train.epochs", t.epochs, allow_none=True)
-    if not 0 <= t.warmup_ratio < 1:
-        raise BenchError(f"train.warmup_ratio: must lie in [0, 1), got {t.warmup_ratio!r}")
-    for key in ("r", "alpha", "reduction_factor", "num_virtual_tokens"):
-        if key in cfg.method:
-            _positive(cfg, f"method.{key}", cfg.method[key])
-    for key in ("max_train_samples", "max_eval_samples"):
-        _positive(cfg, f"task.{key}", cfg.task[key], allow_none=True)
 
-    if cfg.quant.name != "none":
-        if cfg.method.kind == "full":
-            raise BenchError(f"quant={cfg.quant.name} with method=full: quantized weights cannot be fine-tuned "
-                             "directly; use quant=none for full fine-tuning, or a PEFT method (e.g. lora = QLoRA)")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise BenchError(f"quant={cfg.quant.name}: bitsandbytes is not installed (pip install bitsandbytes); "
-                             "or use quant=none")
+# --- data -------------------------------------------------------------------------------------------------
+
+def _read_local(path, key: str):
+    from bench.tasks import _read_table
+    p = Path(str(path)).expanduser()
+    if p.is_file() and p.stat().st_size == 0:
+        raise BenchError(f"{key}: file is empty: {path}")
+    return _read_table(str(p), key)
+
+
+def check_data(task) -> None:
+    """The data exist, have the text and label columns, and their labels fit the declared classes."""
+    from bench import tasks
+    if task.loader == "local":
+        frames = {"train": _read_local(task.path, "task.path")}
+        if task.eval_path:
+            frames["test"] = _read_local(task.eval_path, "task.eval_path")
+        for split, df in frames.items():
+            for key in ("text_column", "label_column"):
+                if task[key] not in df.columns:
+                    where = task.path if split == "train" else task.eval_path
+                    raise BenchError(f"task.{key}: column {task[key]!r} not in {where}; "
+                                     f"columns: {', '.join(map(str, df.columns))}")
+        names = task.label_names
+        if names is None:
+            names = sorted({str(v) for v in frames["train"][task.label_column].tolist()})
+        for split, df in frames.items():
+            tasks._label_ids(df[task.label_column].tolist(), [str(n) for n in names], split)
+    elif task.loader in ("trec", "rotten_tomatoes"):
+        from bench.assets import asset_file
+        asset_file(task.asset, task.file)  # hash-checked; a corrupted file is fetched again once, else AssetError
+    elif task.loader == "hf":
+        from datasets import get_dataset_split_names
+        try:
+            splits = get_dataset_split_names(str(task.dataset), task.config)
+        except Exception as e:  # not found, offline, bad config name: datasets raises many types
+            raise BenchError(f"task.dataset: cannot read the splits of {task.dataset!r}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        for key in ("train_split", "eval_split"):
+            if task[key] not in splits:
+                raise BenchError(f"task.{key}: split {task[key]!r} not in {task.dataset}; valid: {', '.join(splits)}")
+
+
+# --- model ------------------------------------------------------------------------------------------------
+
+def _config_source(model_cfg) -> str | None:
+    """Where the model's config.json is read from: a folder or a hub id; None when not available cheaply."""
+    from bench import models
+    if model_cfg.source == "smollm2_gguf":
+        from bench import assets
+        folder = assets._smollm2_path()  # built once from the GGUF; before that, checked when it is built
+        return str(folder) if assets._check_dir(folder) is None else None
+    path = models.resolve_path(model_cfg)
+    p = Path(path).expanduser()
+    if p.exists() or model_cfg.source == "package" or path.startswith((".", "/", "~")):
+        if not p.is_dir():
+            raise BenchError(f"model.name_or_path: model folder not found: {path}")
+        if not (p / "config.json").is_file():
+            raise BenchError(f"model.name_or_path: no config.json in {path}; a model folder needs config.json, "
+                             "the weights (*.safetensors) and the tokenizer files")
+        return str(p)
+    return path  # a hub id
+
+
+@functools.cache
+def _meta_model(source: str, trust_remote_code: bool):
+    """The sequence classifier built from config.json on the meta device: names and signatures, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as e:  # missing/garbled config.json, unknown model type, hub unreachable
+        raise BenchError(f"model.name_or_path: cannot read the model config of {source}: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    try:
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise BenchError(f"model.name_or_path: model type {config.model_type!r} has no sequence-classification "
+                         f"class in transformers; {str(e).splitlines()[0]}") from e
+
+
+def _linear_leaf_names(model) -> list[str]:
+    import torch
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def _accepts(fn, arg: str) -> bool:
+    import inspect
+    return arg in inspect.signature(fn).parameters
+
+
+def check_model(cfg) -> None:
+    """config.json exists; head_modules and target_modules name modules of the model; prompt-style methods
+    only on model classes that accept what peft feeds them (past_key_values / inputs_embeds)."""
+    source = _config_source(cfg.model)
+    if source is None:
+        return
+    model = _meta_model(source, bool(cfg.model.trust_remote_code))
+    kind = type(model).__name__
+    names = [n for n, _ in model.named_modules()]
+    head = list(cfg.model.head_modules)
+    if not any(part in head for n in names for part in n.split(".")):
+        children = ", ".join(n for n, _ in model.named_children())
+        raise BenchError(f"model.head_modules: {head} names no module of {kind}; its top-level modules: {children}")
+    if cfg.method.kind != "peft":
+        return
+    from bench import methods
+    try:
+        pc = methods.peft_config(cfg.method, cfg.model)
+    except Exception as e:  # peft's config classes raise TypeError/ValueError for bad fields
+        raise BenchError(f"method.peft: peft rejects the {cfg.method.name} config: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if pc.is_prompt_learning:
+        backbone = getattr(model, model.base_model_prefix, model)
+        if pc.peft_type == "PREFIX_TUNING":
+            if not (_accepts(model.forward, "past_key_values") or _accepts(backbone.forward, "past_key_values")):
+                raise BenchError(f"method={cfg.method.name}: prefix tuning needs a model that accepts "
+                                 f"past_key_values; {kind} does not. Valid here: prompt, ptuning or a method that "
+                                 "adapts weights (lora, ia3, adapter, ...)")
+        elif not _accepts(model.forward, "inputs_embeds"):
+            raise BenchError(f"method={cfg.method.name}: prompt tuning needs a model that accepts inputs_embeds; "
+                             f"{kind} does not. Valid here: a method that adapts weights (lora, ia3, adapter, ...)")
+        return
+    target = getattr(pc, "target_modules", None)
+    if target:
+        from peft.tuners.tuners_utils import check_target_module_exists
+        if not any(check_target_module_exists(pc, n) for n in names if n):
+            shown = repr(sorted(target)) if isinstance(target, (set, list, tuple)) else f"'{target}'"
+            raise BenchError(f"method.target_modules: {shown} matches no module of {kind}; valid names (linear "
+                             f"layers): {', '.join(_linear_leaf_names(model))}, or a regex over the full module names")
+
+
+# --- tracking ---------------------------------------------------------------------------------------------
+
+@functools.cache
+def _http_reachable(uri: str) -> None:
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=TRACKING_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # the server answered
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise BenchError(f"tracking.uri: cannot reach {uri} within {TRACKING_TIMEOUT_S} s ({reason}); start the "
+                         "server (mlflow server --host 127.0.0.1 --port 5000) or use the local store "
+                         "tracking.uri=sqlite:///mlflow.db") from None
+
+
+def check_tracking(uri: str, experiment) -> None:
+    """Fail in seconds instead of letting MLflow retry an unreachable store for minutes."""
+    if not isinstance(experiment, str) or not experiment.strip():
+        raise BenchError(f"tracking.experiment: must be a non-empty name, got {experiment!r}")
+    if uri.startswith(("http://", "https://")):
+        try:
+            _http_reachable(uri)
+        except BenchError:
+            _http_reachable.cache_clear()  # the next call probes again
+            raise
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///")).expanduser()
+        if path.exists():
+            if not path.is_file():
+                raise BenchError(f"tracking.uri: {path} is not a file; give a SQLite file, e.g. sqlite:///mlflow.db")
+            with open(path, "rb") as f:
+                head = f.read(16)
+            if head and head != b"SQLite format 3\x00":
+                raise BenchError(f"tracking.uri: {path} is not a SQLite database; give another file name")
+            return
+        parent = path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        import os
+        if not os.access(parent, os.W_OK):
+            raise BenchError(f"tracking.uri: cannot create {path}: {parent} is not writable")
+    elif "://" in uri and not uri.startswith(("sqlite:", "file:", "databricks", "postgresql", "mysql", "mssql")):
+        raise BenchError(f"tracking.uri: unsupported scheme in {uri!r}; valid: sqlite:///FILE, http(s)://HOST:PORT, "
+                         "or another MLflow store URI (postgresql://, mysql://, file:, databricks)")
+
+
+# --- the whole command line -------------------------------------------------------------------------------
+
+def _group_choice_error(e) -> str | None:
+    """One line for Hydra's 'Could not find method/xyz' (it prints the options on several lines)."""
+    missing = getattr(e, "missing_cfg_file", None)
+    if not missing or "/" not in str(missing):
+        return None
+    group, name = str(missing).rsplit("/", 1)
+    options = getattr(e, "options", None) or []
+    return f"{group}: unknown choice {name!r}; valid: {', '.join(sorted(options))}"
+
+
+def check_command(overrides: list[str], multirun: bool, *, with_status: bool = False):
+    """Compose every job the command line describes and validate it; return the error lines (empty: all good).
+
+    Returns an empty list, too, for what this pre-check does not model (another sweeper; a sweep without -m):
+    Hydra then reports problems itself, and each job is validated before it starts. with_status=True returns
+    (errors, whether every job was checked).
+    """
+    errors = _check_command(overrides, multirun)
+    return (errors or [], errors is not None) if with_status else (errors or [])
+
+
+def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, MissingConfigException
+
+    if any(o.split("=", 1)[0].lstrip("+~") in ("hydra/sweeper",) for o in overrides):
+        return None
+    conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
+    failed: dict[str, list[str]] = {}  # error line -> the jobs that have it
+    jobs: list = []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(conf_dir, version_base="1.3", job_name="bench"):
+            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+            try:
+                parsed = parser.parse_overrides(overrides)
+            except HydraException as e:
+                return [str(e).splitlines()[0]]
+            if not multirun and any(o.is_sweep_override() for o in parsed):
+                return None  # Hydra explains that a sweep needs -m
+            jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [list(overrides)]
+            swept = {o for job in jobs for o in job if sum(o in j for j in jobs) < len(jobs)}  # names a job
+            for job in jobs:
+                try:
+                    cfg = compose("config", overrides=list(job))
+                    validate(cfg)
+                except MissingConfigException as e:
+                    line = _group_choice_error(e) or str(e).splitlines()[0]
+                except BenchError as e:
+                    line = str(e)
+                except HydraException as e:
+                    line = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+                    if e.__cause__ is not None and str(e.__cause__):
+                        line += f" ({str(e.__cause__).splitlines()[0]})"
+                else:
+                    continue
+                failed.setdefault(line, []).append(" ".join(o for o in job if o in swept))
+    finally:
+        GlobalHydra.instance().clear()
+    if len(jobs) == 1:
+        return list(failed)
+    lines = []
+    for line, js in failed.items():  # an error every job shares is said once; else with the first job it hits
+        more = f" and {len(js) - 1} more jobs" if len(js) > 1 else ""
+        lines.append(line if len(js) == len(jobs) else f"[{js[0]}{more}] {line}")
+    return lines

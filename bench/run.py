@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from bench import methods, models, tasks, train
 from bench.config import validate
 from bench.errors import BenchError
+from bench.faults import die_with_parent, is_out_of_memory, raise_on_signals
 from bench.measure import Meter
 from bench.track import Tracker, provenance, run_name
 
@@ -34,6 +35,7 @@ class Result:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    skipped: bool = False                         # not run again: a FINISHED run with the same run key existed
 
     def write(self, out_dir: Path) -> Path:
         """result.json, written atomically (temp file, then rename)."""
@@ -121,6 +123,8 @@ def run(cfg, out_dir: Path, *, run_id: str | None = None, tracker: Tracker | Non
         # an exception may name its own outcome (e.g. a sweep's pruned trial: KILLED + the step it stopped at)
         result.status = "KILLED" if isinstance(e, KeyboardInterrupt) else getattr(e, "mlflow_status", "FAILED")
         result.error = error_line(e)
+        if is_out_of_memory(e):
+            result.error = f"out of memory: {result.error}"
         result.tags.update(getattr(e, "mlflow_tags", {}))
         result.write(out_dir)
         try:
@@ -154,11 +158,16 @@ def main(argv=None) -> int:
     p.add_argument("--run-id", required=True, help="MLflow run opened by the parent process")
     p.add_argument("--out-dir", required=True)
     a = p.parse_args(argv)
+    die_with_parent()   # a SIGKILLed parent takes its worker along (which then ends its run KILLED)
+    raise_on_signals()  # SIGTERM, like SIGINT, ends the run KILLED
     cfg = OmegaConf.load(a.config)
     try:
-        run(cfg, Path(a.out_dir), run_id=a.run_id)
-    except KeyboardInterrupt:
-        return 130
+        from bench.resume import process_tags
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        tracker.set_tags(a.run_id, process_tags("worker"))  # this process holds the run now, too
+        run(cfg, Path(a.out_dir), run_id=a.run_id, tracker=tracker)
+    except KeyboardInterrupt as e:
+        return getattr(e, "exit_code", 130)
     except Exception as e:
         print(f"error: {error_line(e)}")
         if not isinstance(e, BenchError):

@@ -1,7 +1,8 @@
 """The table printed at the end of `python -m bench` (single run or multirun), read from the jobs' result.json.
 
-It is a Hydra callback so it also works when a launcher runs the jobs in other processes; the process exits
-non-zero when any run failed.
+It is a Hydra callback so it also works when a launcher runs the jobs in other processes (e.g. the joblib
+launcher's workers): it reads the result files, not in-memory returns. Runs skipped because they had finished
+earlier show their earlier metrics, marked "skipped". The process exits non-zero when any run failed.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def table(results: list[Result]) -> Table:
     for r in results:
         m = r.metrics
         fmt = lambda key, f: f(m[key]) if key in m else "-"  # noqa: E731
-        t.add_row(r.name, r.status, fmt("eval/accuracy", lambda v: f"{v:.4f}"),
+        status = f"{r.status} (skipped)" if r.skipped else r.status
+        t.add_row(r.name, status, fmt("eval/accuracy", lambda v: f"{v:.4f}"),
                   fmt("eval/f1_macro", lambda v: f"{v:.4f}"), human_bytes(m.get("mem/peak_train_bytes")),
                   fmt("time/train_s", lambda v: f"{v:.1f} s"), human_bytes(m.get("ckpt/bytes")),
                   fmt("params/trainable_pct", lambda v: f"{v:.3f}"))
@@ -45,6 +47,10 @@ def report(results: list[Result], config) -> None:
     for r in results:
         if r.status != "FINISHED":
             console.print(f"[red]{r.name}: {r.status}[/red] {r.error or ''}", highlight=False)
+    skipped = sum(r.skipped for r in results)
+    failed = sum(r.status != "FINISHED" for r in results)
+    console.print(f"{len(results)} runs: {len(results) - skipped - failed} finished now, {skipped} skipped "
+                  f"(finished earlier; --rerun runs them again), {failed} not finished", highlight=False)
     uri = config.tracking.uri
     console.print(f"MLflow store: {uri}  (UI: mlflow ui --backend-store-uri {uri}, then open the experiment "
                   f"{config.tracking.experiment!r} with ?workflowType=machine_learning for the runs table)",

@@ -1,29 +1,56 @@
 """MLflow: one run per job, logged explicitly through MlflowClient (no autologging, no global active run),
-so a parent process can open a run, a worker process fill it, and either one end it."""
+so a parent process can open a run, a worker process fill it, and either one end it.
+
+Several processes may share one SQLite store (parallel workers): the store's first creation is serialized
+with a file lock (MLflow's own table creation races otherwise), and a call that still meets "database is
+locked" is retried.
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
 import torch
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from bench.errors import BenchError
+
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "mlflow", "optuna", "hydra-core")
 SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")  # never log values under such keys
+# The MLflow UI's runs table shows no metric columns until the user picks them. Each experiment carries a shared
+# view (the UI's own mechanism: experiment tag mlflow.sharedViewState.<key>, opened with ?viewStateShareKey=<key>)
+# that shows the comparison columns, best accuracy first; experiment_url() links to it.
+COMPARE_VIEW = "peft-bench-compare"
+COMPARE_COLUMNS = {"metrics": ["eval/accuracy", "eval/f1_macro", "mem/peak_train_bytes", "time/train_s", "ckpt/bytes",
+                               "params/trainable_pct", "throughput/train_tokens_per_s"],
+                   "params": ["train.lr"], "tags": ["method", "seed", "quant"]}
+
+
+def compare_view() -> str:
+    columns = [f"{kind}.`{key}`" for kind, keys in COMPARE_COLUMNS.items() for key in keys]
+    return json.dumps({"selectedColumns": columns, "orderByKey": "metrics.`eval/accuracy`", "orderByAsc": False})
 
 
 def run_name(cfg) -> str:
     quant = "" if cfg.quant.name == "none" else f"-{cfg.quant.name}"
     return f"{cfg.method.name}-{cfg.task.name}-{cfg.model.name}{quant}-s{cfg.seed}"
+
+
+def is_secret(key: str) -> bool:
+    return any(w in str(key).lower() for w in SECRET_WORDS)
 
 
 def flatten(d, prefix: str = "") -> dict[str, str]:
@@ -32,9 +59,18 @@ def flatten(d, prefix: str = "") -> dict[str, str]:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
-        elif not any(w in k.lower() for w in SECRET_WORDS):
+        elif not is_secret(k):
             out[key] = str(v)[:6000]  # MLflow's limit on a param value
     return out
+
+
+def without_secrets(d):
+    """A copy of a config container without the values of secret-looking keys (for the config.yaml artifact)."""
+    if isinstance(d, dict):
+        return {k: without_secrets(v) for k, v in d.items() if not is_secret(k)}
+    if isinstance(d, list):
+        return [without_secrets(v) for v in d]
+    return d
 
 
 @functools.cache
@@ -76,31 +112,83 @@ def provenance(device: torch.device) -> dict[str, str]:
     return tags
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Inter-process lock around opening a SQLite store: MLflow creates and migrates a new store's tables
+    without one, and parallel first opens leave it half-migrated ("table ... already exists")."""
+    if not uri.startswith("sqlite:"):
+        yield
+        return
+    import fcntl
+    digest = hashlib.sha256(os.path.abspath(uri.removeprefix("sqlite:///")).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"peft-bench-store-{digest}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Retrying:
+    """MlflowClient whose calls are retried when SQLite answers "database is locked": MLflow waits on a busy
+    store (busy_timeout) but SQLite refuses some lock upgrades at once, without waiting."""
+
+    DELAYS_S = (0.2, 0.5, 1, 2, 4, 8, 15)
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            for delay in (*self.DELAYS_S, None):
+                try:
+                    return attr(*args, **kwargs)
+                except MlflowException as e:
+                    if delay is None or "database is locked" not in str(e):
+                        raise
+                    time.sleep(delay)
+        return call
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         self.uri = uri
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        try:
+            with _store_lock(uri):
+                self.client = _Retrying(MlflowClient(tracking_uri=uri))
+                exp = self.client.get_experiment_by_name(experiment)
+                self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+                if f"mlflow.sharedViewState.{COMPARE_VIEW}" not in (exp.tags if exp else {}):
+                    self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{COMPARE_VIEW}",
+                                                   compare_view())
+        except MlflowException as e:
+            raise BenchError(f"tracking.uri: cannot open the MLflow store {uri}: {str(e).splitlines()[0]}") from e
 
     def start(self, cfg, extra_tags: dict | None = None) -> str:
-        """Open a RUNNING run named method-task-model-seed with the filter tags; return its id."""
+        """Open a RUNNING run named method-task-model-seed with the filter tags, its run_key and the process
+        that holds it (see bench/resume.py); return its id."""
+        from bench.resume import process_tags, run_key
         tags = {"method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
-                "quant": cfg.quant.name, "seed": str(cfg.seed), "status": "RUNNING", **(extra_tags or {})}
+                "quant": cfg.quant.name, "seed": str(cfg.seed), "status": "RUNNING", "run_key": run_key(cfg),
+                **process_tags("owner"), **(extra_tags or {})}
         run = self.client.create_run(self.experiment_id, run_name=run_name(cfg), tags=tags)
         return run.info.run_id
 
     def log_config(self, run_id: str, cfg) -> None:
-        """params: the flattened resolved config; artifact: config.yaml."""
+        """params: the flattened resolved config; artifact: config.yaml (both without secret-looking keys)."""
         container = OmegaConf.to_container(cfg, resolve=True)
         params = [Param(k, v) for k, v in sorted(flatten(container).items())]
         for i in range(0, len(params), 100):  # log_batch accepts at most 100 params per call
             self.client.log_batch(run_id, params=params[i:i + 100])
-        self.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(container)), "config.yaml")
+        self.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(without_secrets(container))), "config.yaml")
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        import time
         ts = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
@@ -124,5 +212,6 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def experiment_url(self, host: str = "http://127.0.0.1:5000") -> str:
-        # MLflow 3 opens experiments in its GenAI view; this query opens the runs table.
-        return f"{host}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        # MLflow 3 opens experiments in its GenAI view; this query opens the runs table, with the comparison columns.
+        return (f"{host}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+                f"&viewStateShareKey={COMPARE_VIEW}")

@@ -1,0 +1,262 @@
+"""Sweep definitions (`sweeps/*.yaml`): read, check, and turn into Optuna distributions, sampler and pruner.
+
+Schema (README: Sweeps):
+    study: name                      # optional; default: the file's stem
+    overrides: [method=lora, ...]    # base run overrides, as on the `python -m bench` command line
+    objective: {metric: eval/accuracy, direction: maximize}
+    trials: 30                       # finished (COMPLETE + PRUNED) trials to reach; --trials overrides
+    search_space:                    # name -> {type: categorical|int|float, ...}
+      method.r: {type: categorical, choices: [2, 4, 8]}
+      alpha_per_rank: {type: categorical, choices: [0.5, 1, 2, 4]}   # not a config key: a helper for derived
+    derived:                         # config key -> product of searched names and numbers
+      method.alpha: method.r * alpha_per_rank
+    sampler: {type: TPESampler, seed: 0}      # any optuna.samplers class + its keyword arguments
+    pruner: {type: MedianPruner, n_warmup_steps: 200}   # any optuna.pruners class; absent or null: no pruning
+    plot: {x: method.r, y: method.alpha}      # axes of the objective plot (searched or derived keys)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import yaml
+from omegaconf import OmegaConf
+
+from bench.errors import BenchError
+
+KEYS = ("study", "overrides", "objective", "trials", "search_space", "derived", "sampler", "pruner", "plot")
+PARAM_TYPES = ("categorical", "int", "float")
+DIRECTIONS = ("maximize", "minimize")
+# metrics every run reports (bench/run.py); the periodic evaluation reports the eval/* ones except best_accuracy
+METRICS = ("eval/accuracy", "eval/f1_macro", "eval/best_accuracy", "eval/loss", "train/loss", "train/steps",
+           "train/tokens", "mem/peak_train_bytes", "mem/peak_eval_bytes", "time/train_s", "time/eval_s",
+           "time/total_s", "ckpt/bytes", "params/trainable", "params/total", "params/trainable_pct",
+           "throughput/train_tokens_per_s", "throughput/train_samples_per_s")
+EVAL_METRICS = ("eval/accuracy", "eval/f1_macro", "eval/loss")
+
+
+class NoStopGridSampler(optuna.samplers.GridSampler):
+    """GridSampler without its study.stop() at grid exhaustion: that call only works inside study.optimize,
+    and the sweep stops by its own count of finished trials (bench/sweep/study.py)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+@dataclass
+class Sweep:
+    path: Path
+    study: str
+    overrides: list[str]
+    metric: str
+    direction: str
+    trials: int | None   # None: the command line must give --trials
+    space: dict[str, optuna.distributions.BaseDistribution]
+    raw_space: dict
+    derived: dict[str, list[str | float]] = field(default_factory=dict)
+    sampler: dict = field(default_factory=dict)
+    pruner: dict | None = None
+    plot: dict = field(default_factory=dict)
+    helpers: set[str] = field(default_factory=set)   # searched names that are not config keys (set by check)
+
+    def run_overrides(self, params: dict) -> dict[str, object]:
+        """The config values one trial runs with: searched config keys, then derived keys (in file order)."""
+        values = {k: v for k, v in params.items() if k not in self.helpers}
+        for key, factors in self.derived.items():
+            values[key] = _tidy(math.prod(params[f] if isinstance(f, str) else f for f in factors))
+        return values
+
+    @property
+    def searched_keys(self) -> list[str]:
+        """Config keys a trial sets: searched ones, then derived ones."""
+        return [k for k in self.space if k not in self.helpers] + list(self.derived)
+
+    def definition(self, cli_overrides: list[str]) -> dict:
+        """What makes a study: resuming with a different definition would mix incomparable trials."""
+        return {"overrides": self.overrides + list(cli_overrides), "objective": [self.metric, self.direction],
+                "search_space": self.raw_space, "derived": {k: " * ".join(map(str, v)) for k, v in
+                                                             self.derived.items()},
+                "sampler": self.sampler, "pruner": self.pruner}
+
+    def fingerprint(self, cli_overrides: list[str]) -> str:
+        return hashlib.sha256(json.dumps(self.definition(cli_overrides), sort_keys=True,
+                                         default=str).encode()).hexdigest()[:16]
+
+    def make_sampler(self, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+        """The file's sampler; a seeded one gets seed + seed_offset so that workers and resumed invocations
+        do not replay each other's random draws. Not GridSampler: its seed fixes the grid's order, which every
+        process must share (its trials name cells by index)."""
+        kwargs = dict(self.sampler)
+        kind = kwargs.pop("type")
+        if kwargs.get("seed") is not None and kind != "GridSampler":
+            kwargs["seed"] = int(kwargs["seed"]) + seed_offset
+        if kind == "GridSampler":
+            grid = {name: list(d.choices) for name, d in self.space.items()}
+            return _construct(NoStopGridSampler, f"{self.path}: sampler", grid, **kwargs)
+        return _construct(getattr(optuna.samplers, kind), f"{self.path}: sampler", **kwargs)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        if not self.pruner:
+            return optuna.pruners.NopPruner()
+        kwargs = dict(self.pruner)
+        return _construct(getattr(optuna.pruners, kwargs.pop("type")), f"{self.path}: pruner", **kwargs)
+
+
+def _construct(cls, where: str, *args, **kwargs):
+    try:
+        with warnings.catch_warnings():   # e.g. TPE's multivariate is "experimental": the file chose it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return cls(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise BenchError(f"{where}: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
+                         f"rejected: {e}") from None
+
+
+def _tidy(v):
+    """16.0 -> 16, so derived integers read (and compose) as integers."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _classes(module, base) -> list[str]:
+    return sorted(n for n in dir(module) if isinstance(getattr(module, n), type)
+                  and issubclass(getattr(module, n), base) and getattr(module, n) is not base)
+
+
+def _distribution(where: str, spec) -> optuna.distributions.BaseDistribution:
+    if not isinstance(spec, dict) or spec.get("type") not in PARAM_TYPES:
+        raise BenchError(f"{where}: needs type: one of {', '.join(PARAM_TYPES)}; got {spec!r}")
+    spec = dict(spec)
+    kind = spec.pop("type")
+    allowed = {"categorical": {"choices"}, "int": {"low", "high", "step", "log"},
+               "float": {"low", "high", "step", "log"}}[kind]
+    unknown = set(spec) - allowed
+    if unknown:
+        raise BenchError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid for {kind}: "
+                         f"{', '.join(sorted(allowed))}")
+    try:
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise ValueError("choices must be a non-empty list")
+            return optuna.distributions.CategoricalDistribution(choices)
+        if "low" not in spec or "high" not in spec:
+            raise ValueError("low and high are required")
+        cls = optuna.distributions.IntDistribution if kind == "int" else optuna.distributions.FloatDistribution
+        if kind == "float":
+            spec = {k: (float(v) if k in ("low", "high", "step") and v is not None else v) for k, v in spec.items()}
+        return cls(**spec)
+    except (TypeError, ValueError) as e:
+        raise BenchError(f"{where}: {e}") from None
+
+
+def _factors(where: str, expr, space) -> list[str | float]:
+    factors = []
+    for part in str(expr).split("*"):
+        part = part.strip()
+        if part in space:
+            factors.append(part)
+            continue
+        try:
+            factors.append(float(part))
+        except ValueError:
+            raise BenchError(f"{where}: {part!r} is neither a searched name nor a number; the expression is a "
+                             f"product like 'method.r * alpha_per_rank'; searched: {', '.join(space)}") from None
+    return factors
+
+
+def load(path: str | Path) -> Sweep:
+    """Read and check a sweep file on its own (check_keys then checks it against the composed config)."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))
+        raise BenchError(f"{path}: no such sweep file; shipped: {', '.join(f'sweeps/{n}' for n in shipped)}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise BenchError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise BenchError(f"{path}: must be a mapping with keys {', '.join(KEYS)}")
+    unknown = set(doc) - set(KEYS)
+    if unknown:
+        raise BenchError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(KEYS)}")
+
+    overrides = doc.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise BenchError(f"{path}: overrides: must be a list of strings like 'method=lora'")
+    objective = doc.get("objective") or {}
+    metric, direction = objective.get("metric", "eval/accuracy"), objective.get("direction", "maximize")
+    if metric not in METRICS:
+        raise BenchError(f"{path}: objective.metric: unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    if direction not in DIRECTIONS:
+        raise BenchError(f"{path}: objective.direction: {direction!r}; valid: {', '.join(DIRECTIONS)}")
+
+    raw_space = doc.get("search_space") or {}
+    if not isinstance(raw_space, dict) or not raw_space:
+        raise BenchError(f"{path}: search_space: must map at least one name to a distribution")
+    space = {name: _distribution(f"{path}: search_space.{name}", spec) for name, spec in raw_space.items()}
+    derived_raw = doc.get("derived") or {}
+    if not isinstance(derived_raw, dict):
+        raise BenchError(f"{path}: derived: must map config keys to products like 'method.r * alpha_per_rank'")
+    derived = {key: _factors(f"{path}: derived.{key}", expr, space) for key, expr in derived_raw.items()}
+
+    sampler = doc.get("sampler") or {"type": "TPESampler"}
+    valid = _classes(optuna.samplers, optuna.samplers.BaseSampler)
+    if not isinstance(sampler, dict) or sampler.get("type") not in valid:
+        raise BenchError(f"{path}: sampler.type: {sampler!r}; valid: {', '.join(valid)}")
+    if sampler["type"] == "GridSampler":
+        not_grid = [n for n, d in space.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
+        if not_grid:
+            raise BenchError(f"{path}: search_space.{not_grid[0]}: GridSampler needs every entry to be "
+                             "type: categorical (the grid is their choices)")
+    pruner = doc.get("pruner")
+    valid = _classes(optuna.pruners, optuna.pruners.BasePruner)
+    if pruner is not None and (not isinstance(pruner, dict) or pruner.get("type") not in valid):
+        raise BenchError(f"{path}: pruner.type: {pruner!r}; valid: {', '.join(valid)}, or null for none")
+    if pruner and metric not in EVAL_METRICS:
+        raise BenchError(f"{path}: pruner: needs an objective.metric the periodic evaluation reports "
+                         f"({', '.join(EVAL_METRICS)}); got {metric!r}; set pruner: null")
+
+    trials = doc.get("trials")
+    if trials is None and sampler["type"] == "GridSampler":
+        trials = math.prod(len(d.choices) for d in space.values())
+    if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 1):
+        raise BenchError(f"{path}: trials: must be an integer >= 1, got {trials!r}")
+
+    plot = doc.get("plot") or {}
+    if not isinstance(plot, dict) or set(plot) - {"x", "y"}:
+        raise BenchError(f"{path}: plot: must be {{x: KEY, y: KEY}} (y optional)")
+    return Sweep(path=path, study=str(doc.get("study") or path.stem), overrides=overrides, metric=metric,
+                 direction=direction, trials=trials, space=space, raw_space=raw_space, derived=derived,
+                 sampler=sampler, pruner=pruner, plot=plot)
+
+
+def check_keys(sweep: Sweep, config) -> None:
+    """Against the composed base config: searched names must be config keys or feed `derived`, derived
+    targets must be config keys, plot axes must be set by the trials."""
+    def exists(key: str) -> bool:
+        return OmegaConf.select(config, key, default="<missing>") != "<missing>"
+
+    feeds = {f for factors in sweep.derived.values() for f in factors if isinstance(f, str)}
+    sweep.helpers = {name for name in sweep.space if not exists(name)}
+    for name in sweep.helpers:
+        if name not in feeds:
+            raise BenchError(f"{sweep.path}: search_space.{name}: not a key of the composed config and not used "
+                             f"in derived (misspelt? e.g. method.r, method.alpha, train.lr, "
+                             f"method.reduction_factor, method.num_virtual_tokens)")
+    for key in sweep.derived:
+        if not exists(key):
+            raise BenchError(f"{sweep.path}: derived.{key}: not a key of the composed config")
+        if key in sweep.space:
+            raise BenchError(f"{sweep.path}: derived.{key}: is also in search_space; keep it in one place")
+    searched = sweep.searched_keys
+    for axis in ("x", "y"):
+        if axis in sweep.plot and sweep.plot[axis] not in searched:
+            raise BenchError(f"{sweep.path}: plot.{axis}: {sweep.plot[axis]!r} is not set by the trials; valid: "
+                             f"{', '.join(searched)}")
+    if "x" not in sweep.plot:
+        sweep.plot = dict(zip(("x", "y"), searched[:2]))

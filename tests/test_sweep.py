@@ -1,0 +1,253 @@
+"""Sweeps (bench/sweep) on the tiny random-init BERT (plumbing, not learning): trials finish and are recorded in a
+real Optuna journal and a real MLflow store; a SIGKILLed sweep resumes to exactly N finished trials; a raising
+trial is FAILED and the study goes on; the pruner stops a clearly worse trial; two workers share one study."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from bench.sweep import spec
+from bench.sweep.cli import main
+from bench.sweep.study import compose, open_storage
+from tests.conftest import ROOT
+
+LORA = ROOT / "sweeps" / "lora_rank_alpha.yaml"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SHORT = ["train.max_steps=30", "train.eval_every=15"]   # where learning does not matter
+
+
+@pytest.fixture
+def sweep_args(tiny_overrides, tmp_path) -> list[str]:
+    """Tiny-model overrides for every trial plus report/output folders in tmp_path (storage: the default,
+    beside the MLflow store in tmp_path)."""
+    return [*tiny_overrides, "--reports", str(tmp_path / "reports"), "--out-dir", str(tmp_path / "outputs")]
+
+
+def load(tmp_path: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(str(tmp_path / "optuna.journal")))
+
+
+def mlflow_runs(tmp_path: Path, study: str):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("peft-bench")
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.study = '{study}'")
+    parents = [r for r in found if r.data.tags.get("sweep_role") == "parent"]
+    trials = [r for r in found if r.data.tags.get("sweep_role") != "parent"]
+    return client, parents, trials
+
+
+def write_sweep(tmp_path: Path, name: str, **doc) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"overrides": ["method=lora"], "objective": {"metric": "eval/accuracy"},
+                                    "trials": 1, **doc}))
+    return path
+
+
+def grid_seed_putting_first(space: dict, first: dict) -> int:
+    """A GridSampler seed whose first trial takes `first` (GridSampler visits its grid in a seeded order)."""
+    dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
+    for seed in range(50):
+        study = optuna.create_study(sampler=optuna.samplers.GridSampler(space, seed=seed))
+        if all(study.ask(dists).params[k] == v for k, v in first.items()):
+            return seed
+    raise AssertionError("no seed found")
+
+
+def test_shipped_sweep_files_load_and_match_the_config():
+    files = sorted((ROOT / "sweeps").glob("*.yaml"))
+    assert {f.name for f in files} >= {"lora_rank_alpha.yaml", "lora_rank_alpha_grid.yaml",
+                                       "adapter_reduction.yaml", "prompt_tokens.yaml"}
+    for f in files:
+        sweep = spec.load(f)
+        spec.check_keys(sweep, compose(sweep.overrides))
+        sweep.make_sampler(), sweep.make_pruner()
+    grid = spec.load(ROOT / "sweeps" / "lora_rank_alpha_grid.yaml")
+    spec.check_keys(grid, compose(grid.overrides))
+    assert grid.trials == 24
+    pairs = {(v["method.r"], v["method.alpha"]) for v in
+             (grid.run_overrides({"method.r": r, "alpha_per_rank": m}) for r in [2, 4, 8, 16, 32, 64]
+              for m in [0.5, 1, 2, 4])}
+    assert len(pairs) == 24 and (8, 16) in pairs and (2, 1) in pairs and (64, 256) in pairs
+
+
+def test_sweep_runs_n_trials_nested_under_one_parent_run(sweep_args, tmp_path):
+    assert main([str(LORA), "--trials", "3", *sweep_args, *SHORT]) == 0
+
+    study = load(tmp_path, "lora_rank_alpha")   # default storage: beside the MLflow store
+    assert Counter(t.state for t in study.trials) == {TrialState.COMPLETE: 3}
+    client, parents, trials = mlflow_runs(tmp_path, "lora_rank_alpha")
+    assert len(parents) == 1 and len(trials) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    by_trial = {int(r.data.tags["trial"]): r for r in trials}
+    for t in study.trials:
+        run = by_trial[t.number]
+        assert run.info.status == "FINISHED" and run.info.run_id == t.user_attrs["mlflow_run_id"]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.metrics["eval/accuracy"] == pytest.approx(t.value)
+        r, mult = t.params["method.r"], t.params["alpha_per_rank"]   # alpha is r x multiplier
+        assert run.data.params["method.r"] == str(r)
+        assert float(run.data.params["method.alpha"]) == r * mult
+        assert float(run.data.params["train.lr"]) == pytest.approx(t.params["train.lr"])
+        assert run.data.params["model.name_or_path"] != "null"   # the command line's overrides reached it
+
+    best = study.best_trial
+    assert parent.data.metrics["best/eval/accuracy"] == pytest.approx(best.value)
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert parent.data.tags["best.method.r"] == str(best.params["method.r"])
+    report = tmp_path / "reports" / "lora_rank_alpha"
+    line = (report / "best.txt").read_text().strip()
+    assert line.startswith("python -m bench ") and f"method.r={best.params['method.r']}" in line
+    assert f"train.lr={best.params['train.lr']!r}" in line
+    assert {"best.txt", "summary.json", "trials.txt", "trials.csv", "importances.json", "objective.png"} <= \
+        {p.name for p in report.iterdir()}
+    assert (report / "objective.png").read_bytes()[:4] == b"\x89PNG"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best.txt", "objective.png",
+                                                                         "trials.txt", "sweep.yaml"}
+
+    # the same command again: nothing to do, the same parent run, no new trials
+    assert main([str(LORA), "--trials", "3", *sweep_args, *SHORT]) == 0
+    assert len(load(tmp_path, "lora_rank_alpha").trials) == 3
+    _, parents, trials = mlflow_runs(tmp_path, "lora_rank_alpha")
+    assert len(parents) == 1 and len(trials) == 3
+
+
+def test_killed_sweep_resumes_to_exactly_n_finished_trials(sweep_args, tmp_path):
+    cmd = [sys.executable, "-m", "bench.sweep", str(LORA), "--trials", "4", *sweep_args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    journal, victim = tmp_path / "optuna.journal", None
+    deadline = time.time() + 600
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        if not journal.exists():
+            continue
+        trials = load(tmp_path, "lora_rank_alpha").trials
+        running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+        if any(t.state == TrialState.COMPLETE for t in trials) and running:
+            victim = running[0]
+    assert victim is not None, "the sweep ended before it could be killed mid-trial"
+    os.kill(proc.pid, signal.SIGKILL)   # no cleanup of any kind: the trial stays RUNNING
+    proc.wait()
+    before = load(tmp_path, "lora_rank_alpha").trials
+    done_before = {t.number: t.params for t in before if t.state == TrialState.COMPLETE}
+    assert load(tmp_path, "lora_rank_alpha").trials[victim.number].state == TrialState.RUNNING
+
+    assert main([str(LORA), "--trials", "4", *sweep_args]) == 0
+
+    trials = load(tmp_path, "lora_rank_alpha").trials
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 4
+    assert states[TrialState.RUNNING] == states[TrialState.WAITING] == 0
+    killed = trials[victim.number]
+    assert killed.state == TrialState.FAIL and "stopped during the trial" in killed.user_attrs["fail_reason"]
+    for n, params in done_before.items():   # kept as they were, not run again
+        assert trials[n].state == TrialState.COMPLETE and trials[n].params == params
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retries) == 1 and retries[0].params == killed.params and retries[0].state in FINISHED
+
+    _, parents, runs = mlflow_runs(tmp_path, "lora_rank_alpha")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_id = {r.info.run_id: r for r in runs}
+    assert by_id[killed.user_attrs["mlflow_run_id"]].info.status == "FAILED"
+    finished_runs = [r for r in runs if r.info.status in ("FINISHED", "KILLED")]
+    assert sorted(int(r.data.tags["trial"]) for r in finished_runs) == \
+        sorted(t.number for t in trials if t.state in FINISHED)   # one MLflow run per finished trial
+    assert len(runs) == len(trials)
+
+
+def test_trial_that_raises_is_failed_with_its_reason_and_the_study_goes_on(sweep_args, tmp_path):
+    space = {"method.dropout": [1.5, 0.0]}   # lora_dropout=1.5: torch refuses it when the method is built
+    seed = grid_seed_putting_first(space, {"method.dropout": 1.5})
+    path = write_sweep(tmp_path, "raises", trials=1, sampler={"type": "GridSampler", "seed": seed},
+                       search_space={"method.dropout": {"type": "categorical", "choices": space["method.dropout"]}})
+    assert main([str(path), *sweep_args, *SHORT]) == 0
+
+    trials = load(tmp_path, "raises").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].params["method.dropout"] == 1.5 and "dropout" in trials[0].user_attrs["fail_reason"]
+    _, parents, runs = mlflow_runs(tmp_path, "raises")
+    failed = next(r for r in runs if r.data.tags["trial"] == "0")
+    assert failed.info.status == "FAILED" and "dropout" in failed.data.tags["error"]
+    assert parents[0].data.metrics["sweep/fail_trials"] == 1
+    summary = json.loads((tmp_path / "reports" / "raises" / "summary.json").read_text())
+    assert summary["best_trial"] == 1 and summary["states"]["FAIL"] == 1
+
+
+def test_pruner_stops_a_clearly_worse_trial(sweep_args, tmp_path):
+    # lr 1e-6 leaves the tiny model at chance; lr 0.02 with alpha 64 learns the toy data within 40 steps
+    space = {"train.lr": [0.02, 1e-6]}
+    seed = grid_seed_putting_first(space, {"train.lr": 0.02})
+    path = write_sweep(tmp_path, "prunes", trials=2, overrides=["method=lora", "method.alpha=64"],
+                       sampler={"type": "GridSampler", "seed": seed},
+                       pruner={"type": "MedianPruner", "n_startup_trials": 1, "n_warmup_steps": 0},
+                       search_space={"train.lr": {"type": "categorical", "choices": space["train.lr"]}})
+    assert main([str(path), *sweep_args, "train.eval_every=20"]) == 0
+
+    good, bad = load(tmp_path, "prunes").trials
+    assert good.state == TrialState.COMPLETE and good.params["train.lr"] == 0.02
+    assert bad.state == TrialState.PRUNED and bad.user_attrs["pruned_at_step"] < 60
+    assert bad.user_attrs["train_steps"] == bad.user_attrs["pruned_at_step"]   # steps it actually ran
+    assert bad.value < good.intermediate_values[bad.user_attrs["pruned_at_step"]]
+    _, _, runs = mlflow_runs(tmp_path, "prunes")
+    pruned_run = next(r for r in runs if r.info.run_id == bad.user_attrs["mlflow_run_id"])
+    assert pruned_run.info.status == "KILLED"
+    assert pruned_run.data.tags["pruned_at_step"] == str(bad.user_attrs["pruned_at_step"])
+
+
+def test_two_workers_share_one_study(sweep_args, tmp_path):
+    assert main([str(LORA), "--trials", "4", "--workers", "2", *sweep_args, *SHORT]) == 0
+
+    trials = load(tmp_path, "lora_rank_alpha").trials
+    assert Counter(t.state for t in trials) == {TrialState.COMPLETE: 4}
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2, "both workers ran trials"
+    _, parents, runs = mlflow_runs(tmp_path, "lora_rank_alpha")
+    assert len(parents) == 1 and len(runs) == 4
+    assert sorted(int(r.data.tags["trial"]) for r in runs) == [0, 1, 2, 3]
+    assert {r.data.tags["torch_threads"] for r in runs} == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
+
+
+@pytest.mark.parametrize("doc, args, message", [
+    ({"search_space": {"method.r": {"type": "normal"}}}, [], "search_space.method.r: needs type"),
+    ({"search_space": {"method.rr": {"type": "categorical", "choices": [2]}}}, [], "method.rr: not a key"),
+    ({"search_space": {"method.r": {"type": "categorical", "choices": [2]}}, "pruner": {"type": "Median"}}, [],
+     "pruner.type"),
+    ({"search_space": {"method.r": {"type": "categorical", "choices": [2]}}}, ["method.r=4"],
+     "method.r is set by the sweep"),
+    ({"search_space": {"method.r": {"type": "categorical", "choices": [2]}}, "colour": 1}, [], "unknown key"),
+    ({"search_space": {"method.r": {"type": "categorical", "choices": [2]}},
+      "sampler": {"type": "TPESampler", "n_start": 3}}, [], "sampler: TPESampler(n_start=3) rejected"),
+])
+def test_bad_sweep_input_is_one_line_and_exit_2(doc, args, message, sweep_args, tmp_path, capsys):
+    path = write_sweep(tmp_path, "bad", **doc)
+    assert main([str(path), *sweep_args, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "optuna.journal").exists() or not load_names(tmp_path)
+
+
+def load_names(tmp_path):
+    return [s.study_name for s in optuna.get_all_study_summaries(open_storage(str(tmp_path / "optuna.journal")))]
+
+
+def test_resuming_with_different_overrides_is_refused(sweep_args, tmp_path, capsys):
+    path = write_sweep(tmp_path, "same", trials=1,
+                       search_space={"method.r": {"type": "categorical", "choices": [2]}})
+    assert main([str(path), *sweep_args, *SHORT]) == 0
+    assert main([str(path), *sweep_args, *SHORT, "train.max_steps=20"]) == 2
+    err = capsys.readouterr().err
+    assert "--study same" in err and "overrides" in err and "train.max_steps=20" in err
+    assert len(load(tmp_path, "same").trials) == 1
