@@ -31,9 +31,9 @@ def runs(uri: str):
 @pytest.mark.slow
 def test_main_command_multirun_with_a_broken_job(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cmd = [sys.executable, "-m", "bench", "method=lora,adapter,broken,prefix", "-m", *SHORT,
+    cmd = [sys.executable, "-m", "bench", "method=lora,adapter,broken,prefix", *SHORT,
            f"tracking.uri={uri}", f"hydra.searchpath=[file://{ROOT}/tests/conf]",
-           f"hydra.sweep.dir={tmp_path}/multirun"]
+           f"hydra.sweep.dir={tmp_path}/multirun", "-m"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "COLUMNS": "200"})
     out = proc.stdout + proc.stderr
