@@ -153,7 +153,7 @@ def main() -> None:
         if not any(a.startswith("rerun=") for a in argv):
             argv.append("rerun=true")
     sys.argv = [sys.argv[0], *argv]
-    faults.raise_on_signals_after_stopping_workers()
+    faults.raise_on_signals(stop_workers=True)
     try:
         code = _preflight(argv)
         if code:

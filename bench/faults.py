@@ -58,14 +58,18 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def raise_on_signals() -> None:
-    """First SIGINT/SIGTERM raises Interrupted; later ones are ignored so the run can be closed in peace."""
+def raise_on_signals(stop_workers: bool = False) -> None:
+    """First SIGINT/SIGTERM raises Interrupted; later ones are ignored so the run can be closed in peace.
+
+    stop_workers (the Hydra process): first let the `bench.run` workers below close their runs (KILLED)."""
     if not _main_thread():
         return
 
     def handler(signum, frame):
         for s in SIGNALS:
             signal.signal(s, signal.SIG_IGN)
+        if stop_workers:
+            stop_descendant_workers(signum)
         raise Interrupted(signum)
 
     for s in SIGNALS:
@@ -87,21 +91,6 @@ def stop_descendant_workers(signum: int, grace_s: float = GRACE_S) -> None:
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
-
-
-def raise_on_signals_after_stopping_workers() -> None:
-    """The Hydra process: on SIGINT/SIGTERM let the workers close their runs (KILLED), then stop."""
-    if not _main_thread():
-        return
-
-    def handler(signum, frame):
-        for s in SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-        stop_descendant_workers(signum)
-        raise Interrupted(signum)
-
-    for s in SIGNALS:
-        signal.signal(s, handler)
 
 
 @contextlib.contextmanager
