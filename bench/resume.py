@@ -17,9 +17,9 @@ from pathlib import Path
 import psutil
 from omegaconf import OmegaConf
 
-KEY_VERSION = 1
+KEY_VERSION = 2   # 2: validation/test protocol (val/*, test/*): runs of version 1 are not reused
 IGNORED = ("tracking", "rerun", "train.isolate", "train.threads")  # never change what a run measures
-DATA_FILE_KEYS = ("path", "eval_path")                              # task.* files whose content is in the key
+DATA_FILE_KEYS = ("path", "test_path", "validation_path")  # task.* files whose content is in the key
 
 
 def _file_digest(path: str) -> str | None:

@@ -1,6 +1,7 @@
 """One run, start to finish: the straight line that `python -m bench`, sweeps and tests all go through.
 
-    validate -> task data -> backbone (+ quantization) -> method -> train (+ periodic eval) -> save -> MLflow
+    validate -> task data -> backbone (+ quantization) -> method -> train (+ periodic validation) -> test once
+    -> save -> MLflow
 
 `python -m bench.run --config C --run-id R --out-dir D` runs one job in a fresh worker process (bench.__main__
 starts one per job so that no run's memory figures depend on the runs before it).
@@ -19,10 +20,11 @@ import torch
 from omegaconf import OmegaConf
 
 from bench import methods, models, tasks, train
+from bench import metrics as M
 from bench.config import validate
 from bench.errors import BenchError
 from bench.faults import die_with_parent, is_out_of_memory, raise_on_signals
-from bench.measure import Meter
+from bench.measure import Meter, grad_bytes, weights_bytes
 from bench.track import Tracker, provenance, run_name
 
 
@@ -49,6 +51,16 @@ class Result:
     def read(cls, out_dir: Path) -> "Result | None":
         path = Path(out_dir) / "result.json"
         return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+def write_predictions(predictions, out_dir: Path) -> Path:
+    """The test predictions (index, label, prediction) as out_dir/predictions/test.parquet, written atomically."""
+    path = Path(out_dir) / M.PREDICTIONS_ARTIFACT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    predictions.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
 
 
 def pick_device(name: str) -> torch.device:
@@ -87,32 +99,43 @@ def run(cfg, out_dir: Path, *, run_id: str | None = None, tracker: Tracker | Non
         model, tokenizer = models.load(cfg.model, cfg.quant, data.num_labels, device)
         _seed(seed)  # set again right before the method is built, so the seed reaches adapter initialization
         model = methods.apply(model, cfg.method, cfg.model)
-        train_ds, eval_ds = tasks.tokenize(data, tokenizer, cfg.train.max_length)
+        train_ds, val_ds, test_ds = tasks.tokenize(data, tokenizer, cfg.train.max_length)
         trainable, total = methods.count_parameters(model)
-        tracker.log_metrics(run_id, {"params/trainable": trainable, "params/total": total})
+        tracker.log_metrics(run_id, {M.PARAMS_TRAINABLE: trainable, M.PARAMS_TOTAL: total})
 
-        metrics = train.fit(model, train_ds, eval_ds, tokenizer, cfg.train, seed=seed, num_labels=data.num_labels,
+        metrics = train.fit(model, train_ds, val_ds, tokenizer, cfg.train, seed=seed, num_labels=data.num_labels,
                             device=device, meter=meter, on_eval=on_eval,
-                            log=lambda m, step: tracker.log_metrics(run_id, m, step))
+                            log=lambda points: tracker.log_points(run_id, points))
+        # the one test evaluation: the final (train.select) weights on the test split, after all selection
+        meter.start("eval")
+        test, predictions = train.evaluate(model, test_ds, tokenizer, cfg.train.eval_batch_size, data.num_labels,
+                                           device, split="test")
+        meter.stop("eval")
         ckpt_bytes = methods.save(model, cfg.method, out_dir / "ckpt")
+        metrics.update(test)
         metrics.update({
-            "params/trainable": trainable,                       # parameters with requires_grad during training
-            "params/total": total,                               # see methods.count_parameters
-            "params/trainable_pct": 100.0 * trainable / total,
-            "ckpt/bytes": ckpt_bytes,                            # see methods.save
-            "time/train_s": meter.seconds["train"],              # training steps only, evaluation excluded
-            "time/eval_s": meter.seconds["eval"],                # all periodic + final evaluations
-            "time/total_s": time.perf_counter() - started,
-            "mem/peak_train_bytes": meter.peak_bytes["train"],   # see bench/measure.py
-            "mem/peak_eval_bytes": meter.peak_bytes["eval"],
+            M.PARAMS_TRAINABLE: trainable,                       # parameters with requires_grad during training
+            M.PARAMS_TOTAL: total,                               # see methods.count_parameters
+            M.PARAMS_TRAINABLE_PCT: 100.0 * trainable / total,
+            M.CKPT_BYTES: ckpt_bytes,                            # see methods.save
+            M.MEM_WEIGHTS: weights_bytes(model),                 # see bench/measure.py
+            M.MEM_GRAD: grad_bytes(model),
+            M.TIME_TRAIN: meter.seconds["train"],                # training steps only: no evaluation, no store I/O
+            M.TIME_EVAL: meter.seconds["eval"],                  # all periodic evaluations + the test evaluation
+            M.TIME_TOTAL: time.perf_counter() - started,
+            M.MEM_PEAK_TRAIN: meter.peak_bytes["train"],         # see bench/measure.py
+            M.MEM_PEAK_EVAL: meter.peak_bytes["eval"],
         })
         if device.type == "cuda":
-            metrics["mem/peak_train_reserved_bytes"] = meter.peak_reserved_bytes["train"]
-            metrics["mem/peak_eval_reserved_bytes"] = meter.peak_reserved_bytes["eval"]
+            metrics[M.MEM_PEAK_TRAIN_RESERVED] = meter.peak_reserved_bytes["train"]
+            metrics[M.MEM_PEAK_EVAL_RESERVED] = meter.peak_reserved_bytes["eval"]
+        tracker.log_file(run_id, write_predictions(predictions, out_dir), M.PREDICTIONS_ARTIFACT)
         result.metrics = metrics
         result.tags = {"mem_source": "cuda_allocated" if device.type == "cuda"
                        else ("rss_phase_peak" if meter.rss_resettable else "rss_lifetime_peak")}
-        tracker.log_metrics(run_id, metrics, step=int(metrics["train/steps"]))
+        logged = {M.TRAIN_LOSS, *M.VAL_PERIODIC}  # already in the store with their step history (train.fit)
+        tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in logged},
+                            step=int(metrics[M.TRAIN_STEPS]))
         tracker.set_tags(run_id, result.tags)
         result.status = "FINISHED"
         tracker.log_json(run_id, asdict(result), "result.json")

@@ -12,6 +12,7 @@ from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
 
+from bench import metrics as M
 from bench.run import Result
 
 
@@ -27,17 +28,18 @@ def human_bytes(n: float | None) -> str:
 
 def table(results: list[Result]) -> Table:
     t = Table(title="peft-bench summary")
-    for col in ("run", "status", "accuracy", "f1 macro", "peak train mem", "train time", "checkpoint",
-                "trainable %"):
+    for col in ("run", "status", "test acc", "best val acc", "train growth", "peak train mem", "train time",
+                "checkpoint", "trainable %"):
         t.add_column(col, justify="left" if col in ("run", "status") else "right")
     for r in results:
         m = r.metrics
         fmt = lambda key, f: f(m[key]) if key in m else "-"  # noqa: E731
         status = f"{r.status} (skipped)" if r.skipped else r.status
-        t.add_row(r.name, status, fmt("eval/accuracy", lambda v: f"{v:.4f}"),
-                  fmt("eval/f1_macro", lambda v: f"{v:.4f}"), human_bytes(m.get("mem/peak_train_bytes")),
-                  fmt("time/train_s", lambda v: f"{v:.1f} s"), human_bytes(m.get("ckpt/bytes")),
-                  fmt("params/trainable_pct", lambda v: f"{v:.3f}"))
+        t.add_row(r.name, status, fmt(M.TEST_ACCURACY, lambda v: f"{v:.4f}"),
+                  fmt(M.VAL_BEST_ACCURACY, lambda v: f"{v:.4f}"),
+                  human_bytes(m.get(M.MEM_TRAIN_GROWTH)), human_bytes(m.get(M.MEM_PEAK_TRAIN)),
+                  fmt(M.TIME_TRAIN, lambda v: f"{v:.1f} s"), human_bytes(m.get(M.CKPT_BYTES)),
+                  fmt(M.PARAMS_TRAINABLE_PCT, lambda v: f"{v:.3f}"))
     return t
 
 

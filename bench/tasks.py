@@ -1,10 +1,16 @@
-"""Tasks: where each data set comes from, returned as train/test splits with `text` and `label` (int) columns.
+"""Tasks: where each data set comes from, returned as train / validation / test splits with `text` and `label`.
 
-Each task YAML names a loader below (`task.loader`); adding a task is one YAML plus, at most, one loader.
+Each task YAML names a loader below (`task.loader`); adding a task is one YAML plus, at most, one loader. A loader
+returns the source's splits (`train` and `test`, and `validation` where the source has an official one); `load`
+carves validation from train where needed, maps labels to ids and subsamples.
+
+Protocol: validation (the official split, else a stratified hold-out of `task.validation_size` examples carved
+from train with `task.split_seed`) is what every selection sees; the test split is scored once, at the end of a
+run. Validation and test subsamples are drawn with `task.split_seed` too, so every run of a task, whatever its
+method or seed, is selected and scored on the same examples.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +19,14 @@ from datasets import Dataset, DatasetDict
 
 from bench.errors import BenchError
 
+VALIDATION_SHARE, VALIDATION_MAX = 0.10, 500   # task.validation_size=null: 10 % of train, at most 500 examples
+
 
 @dataclass
 class TaskData:
     train: Dataset          # columns: text (str), label (int)
-    test: Dataset
+    validation: Dataset     # columns: text, label, index (row in the validation split before subsampling)
+    test: Dataset           # columns: text, label, index (row in the whole test split: the key of predictions)
     label_names: list[str]  # label i means label_names[i]
 
     @property
@@ -28,6 +37,19 @@ class TaskData:
 def _frames(train: pd.DataFrame, test: pd.DataFrame) -> DatasetDict:
     return DatasetDict(train=Dataset.from_pandas(train, preserve_index=False),
                        test=Dataset.from_pandas(test, preserve_index=False))
+
+
+def hold_out(ds: Dataset, size, label_column: str, seed: int) -> tuple[Dataset, Dataset]:
+    """(rest, held out): a stratified split of `size` examples (a count, or a fraction in (0, 1)), seeded.
+    Stratified by label (scikit-learn); plain random when a class is too rare to stratify."""
+    from sklearn.model_selection import train_test_split
+    labels = [str(v) for v in ds[label_column]]
+    rows = list(range(len(ds)))
+    try:
+        rest, held = train_test_split(rows, test_size=size, random_state=seed, stratify=labels)
+    except ValueError:  # a class with a single example, or fewer held-out examples than classes
+        rest, held = train_test_split(rows, test_size=size, random_state=seed)
+    return ds.select(sorted(rest)), ds.select(sorted(held))
 
 
 def load_trec(cfg) -> DatasetDict:
@@ -48,14 +70,17 @@ def load_rotten_tomatoes(cfg) -> DatasetDict:
     df["score"] = pd.to_numeric(df.score, errors="coerce")
     df = df.dropna(subset=["score", "text"])
     df["label"] = (df.score > 0).map({False: "negative", True: "positive"})
-    ds = Dataset.from_pandas(df[["text", "label"]], preserve_index=False)
-    return ds.train_test_split(test_size=cfg.test_size, seed=cfg.split_seed)
+    train, test = hold_out(Dataset.from_pandas(df[["text", "label"]], preserve_index=False), cfg.test_size,
+                           "label", cfg.split_seed)
+    return DatasetDict(train=train, test=test)
 
 
-def _read_table(path: str, key: str) -> pd.DataFrame:
-    p = Path(path)
+def read_table(path: str, key: str) -> pd.DataFrame:
+    p = Path(str(path)).expanduser()
     if not p.is_file():
         raise BenchError(f"{key}: file not found: {path}")
+    if p.stat().st_size == 0:
+        raise BenchError(f"{key}: file is empty: {path}")
     readers = {".csv": pd.read_csv, ".tsv": lambda f: pd.read_csv(f, sep="\t"), ".parquet": pd.read_parquet,
                ".jsonl": lambda f: pd.read_json(f, lines=True), ".json": pd.read_json}
     if p.suffix not in readers:
@@ -69,21 +94,36 @@ def _read_table(path: str, key: str) -> pd.DataFrame:
     return df
 
 
+def local_files(cfg) -> dict[str, tuple[str, str]]:
+    """split -> (config key, path) of the local files task=local reads."""
+    files = {"train": ("task.path", cfg.path)}
+    if cfg.test_path:
+        files["test"] = ("task.test_path", cfg.test_path)
+    if cfg.validation_path:
+        files["validation"] = ("task.validation_path", cfg.validation_path)
+    return files
+
+
 def load_local(cfg) -> DatasetDict:
-    train = _read_table(cfg.path, "task.path")
-    if cfg.eval_path:
-        return _frames(train, _read_table(cfg.eval_path, "task.eval_path"))
-    return Dataset.from_pandas(train, preserve_index=False).train_test_split(test_size=cfg.test_size,
-                                                                            seed=cfg.split_seed)
+    frames = {split: Dataset.from_pandas(read_table(path, key), preserve_index=False)
+              for split, (key, path) in local_files(cfg).items()}
+    if "test" not in frames:
+        frames["train"], frames["test"] = hold_out(frames["train"], cfg.test_size, cfg.label_column, cfg.split_seed)
+    return DatasetDict(frames)
 
 
 def load_hf(cfg) -> DatasetDict:
     from datasets import load_dataset
     ds = load_dataset(cfg.dataset, cfg.config)
-    for key in ("train_split", "eval_split"):
+    keys = {"train": "train_split", "test": "test_split", "validation": "validation_split"}
+    out = {}
+    for split, key in keys.items():
+        if cfg[key] is None and split == "validation":
+            continue
         if cfg[key] not in ds:
             raise BenchError(f"task.{key}: split {cfg[key]!r} not in {cfg.dataset}; valid: {', '.join(ds)}")
-    return DatasetDict(train=ds[cfg.train_split], test=ds[cfg.eval_split])
+        out[split] = ds[cfg[key]]
+    return DatasetDict(out)
 
 
 LOADERS = {"trec": load_trec, "finefoods": load_finefoods, "rotten_tomatoes": load_rotten_tomatoes,
@@ -108,6 +148,13 @@ def _label_ids(values: list, label_names: list[str], split: str) -> list[int]:
     return ids
 
 
+def validation_count(size, n_train: int) -> int | float:
+    """task.validation_size as scikit-learn's test_size: null -> 10 % of train, at most 500."""
+    if size is None:
+        return min(VALIDATION_MAX, max(1, round(VALIDATION_SHARE * n_train)))
+    return size if isinstance(size, float) else int(size)
+
+
 def _subsample(ds: Dataset, n, key: str, seed: int) -> Dataset:
     if n is None:
         return ds
@@ -118,11 +165,11 @@ def _subsample(ds: Dataset, n, key: str, seed: int) -> Dataset:
 
 
 def load(cfg, seed: int) -> TaskData:
-    """The task's train/test splits with `text`/`label` columns, label ids checked, optionally subsampled."""
+    """The task's train / validation / test splits, label ids checked, optionally subsampled (see module doc)."""
     if cfg.loader not in LOADERS:
         raise BenchError(f"task.loader: unknown loader {cfg.loader!r}; valid: {', '.join(LOADERS)}")
     raw = LOADERS[cfg.loader](cfg)
-    for split in ("train", "test"):
+    for split in raw:
         missing = [c for c in (cfg.text_column, cfg.label_column) if c not in raw[split].column_names]
         if missing:
             raise BenchError(f"task.{'text' if missing[0] == cfg.text_column else 'label'}_column: column "
@@ -133,22 +180,29 @@ def load(cfg, seed: int) -> TaskData:
         names = feature.names if hasattr(feature, "names") else sorted({str(v) for v in raw["train"][cfg.label_column]})
     names = [str(n) for n in names]
     splits = {}
-    for split in ("train", "test"):
+    for split in raw:
         ds = raw[split]
-        ids = _label_ids(ds[cfg.label_column], names, split)
-        texts = [str(t) for t in ds[cfg.text_column]]
-        splits[split] = Dataset.from_dict({"text": texts, "label": ids})
-    train = _subsample(splits["train"], cfg.max_train_samples, "task.max_train_samples", seed)
-    test = _subsample(splits["test"], cfg.max_eval_samples, "task.max_eval_samples", seed)
-    return TaskData(train=train, test=test, label_names=names)
+        splits[split] = Dataset.from_dict({"text": [str(t) for t in ds[cfg.text_column]],
+                                           "label": _label_ids(ds[cfg.label_column], names, split)})
+    if "validation" not in splits:
+        size = validation_count(cfg.validation_size, len(splits["train"]))
+        splits["train"], splits["validation"] = hold_out(splits["train"], size, "label", cfg.split_seed)
+    for split in ("validation", "test"):
+        splits[split] = splits[split].add_column("index", list(range(len(splits[split]))))
+    return TaskData(
+        train=_subsample(splits["train"], cfg.max_train_samples, "task.max_train_samples", seed),
+        validation=_subsample(splits["validation"], cfg.max_eval_samples, "task.max_eval_samples", cfg.split_seed),
+        test=_subsample(splits["test"], cfg.max_test_samples, "task.max_test_samples", cfg.split_seed),
+        label_names=names)
 
 
-def tokenize(data: TaskData, tokenizer, max_length: int) -> tuple[Dataset, Dataset]:
-    """Token ids without padding (the trainer pads each batch to its longest member)."""
+def tokenize(data: TaskData, tokenizer, max_length: int) -> tuple[Dataset, Dataset, Dataset]:
+    """(train, validation, test) token ids without padding (the trainer pads each batch to its longest member);
+    validation and test keep their `index` column."""
     def enc(batch):
         out = tokenizer(batch["text"], truncation=True, max_length=max_length)
         out["labels"] = batch["label"]
         return out
     cols = ["text", "label"]
-    return (data.train.map(enc, batched=True, remove_columns=cols),
-            data.test.map(enc, batched=True, remove_columns=cols))
+    return tuple(ds.map(enc, batched=True, remove_columns=cols)
+                 for ds in (data.train, data.validation, data.test))

@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from bench import metrics as M
 from bench.errors import BenchError
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "mlflow", "optuna", "hydra-core")
@@ -34,14 +35,15 @@ SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")  # never log
 # view (the UI's own mechanism: experiment tag mlflow.sharedViewState.<key>, opened with ?viewStateShareKey=<key>)
 # that shows the comparison columns, best accuracy first; experiment_url() links to it.
 COMPARE_VIEW = "peft-bench-compare"
-COMPARE_COLUMNS = {"metrics": ["eval/accuracy", "eval/f1_macro", "mem/peak_train_bytes", "time/train_s", "ckpt/bytes",
-                               "params/trainable_pct", "throughput/train_tokens_per_s"],
+COMPARE_COLUMNS = {"metrics": [M.TEST_ACCURACY, M.TEST_F1_MACRO, M.VAL_BEST_ACCURACY, M.MEM_TRAIN_GROWTH,
+                               M.MEM_PEAK_TRAIN, M.TIME_TRAIN, M.CKPT_BYTES, M.PARAMS_TRAINABLE_PCT,
+                               M.THROUGHPUT_TOKENS],
                    "params": ["train.lr"], "tags": ["method", "seed", "quant"]}
 
 
 def compare_view() -> str:
     columns = [f"{kind}.`{key}`" for kind, keys in COMPARE_COLUMNS.items() for key in keys]
-    return json.dumps({"selectedColumns": columns, "orderByKey": "metrics.`eval/accuracy`", "orderByAsc": False})
+    return json.dumps({"selectedColumns": columns, "orderByKey": f"metrics.`{M.TEST_ACCURACY}`", "orderByAsc": False})
 
 
 def run_name(cfg) -> str:
@@ -191,6 +193,18 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         ts = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def log_points(self, run_id: str, points: list[tuple[int, dict[str, float]]]) -> None:
+        """Several steps' metrics in as few store writes as possible (log_batch takes at most 1,000 metrics)."""
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step) for step, metrics in points for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+    def log_file(self, run_id: str, path: Path, artifact: str) -> None:
+        """Log a local file as the artifact `artifact` (a path such as predictions/test.parquet)."""
+        folder = str(Path(artifact).parent)
+        self.client.log_artifact(run_id, str(path), None if folder == "." else folder)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])

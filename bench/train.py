@@ -1,22 +1,32 @@
 """The common trainer: one plain loop that every method and task goes through unchanged.
 
 AdamW, linear warmup then linear decay, gradient clipping, length-bucketed batches with dynamic padding in a
-seeded order (identical for every method given the same seed and tokenizer), periodic evaluation without
-grad on larger batches, a progress bar.
+seeded order (identical for every method given the same seed and tokenizer), periodic evaluation on the
+validation split without grad on larger batches, a progress bar. The test split never enters this module's loop:
+bench/run.py scores it once, after training (`evaluate(..., split="test")`).
+
+The clock of time/train_s runs only around training steps (batch preparation, forward, backward, optimizer
+step). Metrics for the store are buffered and handed to `log` at evaluations, with the clock stopped.
 """
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from bench.measure import Meter
+from bench import metrics as M
+from bench.measure import Meter, optimizer_bytes
+
+Points = list[tuple[int, dict[str, float]]]   # (step, metrics) pairs for the store
+FLUSH_S = 60.0   # between evaluations, buffered points still reach the store at least this often (clock stopped)
 
 
 def _pad(tokenizer, rows: list[dict], device) -> dict[str, torch.Tensor]:
@@ -37,22 +47,27 @@ def train_batches(ds, batch_size: int, seed: int) -> Iterator[list[int]]:
 
 
 @torch.no_grad()
-def evaluate(model, ds, tokenizer, batch_size: int, num_labels: int, device) -> dict[str, float]:
-    """eval/accuracy and eval/f1_macro (scikit-learn) and eval/loss (mean cross-entropy) on the whole split."""
+def evaluate(model, ds, tokenizer, batch_size: int, num_labels: int, device,
+             split: str = "val") -> tuple[dict[str, float], pd.DataFrame]:
+    """<split>/accuracy and <split>/f1_macro (scikit-learn) and <split>/loss (mean cross-entropy) on the whole
+    split, and the per-example predictions: columns index (the example's row in its split), label, prediction."""
     model.eval()
     rows = ds.to_list()
-    order = np.argsort([len(r["input_ids"]) for r in rows])  # sorted by length: least padding
-    preds, labels, loss_sum = [], [], 0.0
+    index = [r.pop("index") for r in rows] if rows and "index" in rows[0] else list(range(len(rows)))
+    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")  # sorted by length: least padding
+    preds, loss_sum = np.zeros(len(rows), dtype=np.int64), 0.0
     for i in range(0, len(order), batch_size):
-        batch = _pad(tokenizer, [rows[j] for j in order[i:i + batch_size]], device)
+        chunk = order[i:i + batch_size]
+        batch = _pad(tokenizer, [rows[j] for j in chunk], device)
         out = model(**batch)
-        loss_sum += out.loss.item() * len(batch["labels"])
-        preds += out.logits.argmax(-1).tolist()
-        labels += batch["labels"].tolist()
-    return {"eval/accuracy": accuracy_score(labels, preds),
-            "eval/f1_macro": f1_score(labels, preds, average="macro", labels=list(range(num_labels)),
-                                      zero_division=0),
-            "eval/loss": loss_sum / len(labels)}
+        loss_sum += out.loss.item() * len(chunk)
+        preds[chunk] = out.logits.argmax(-1).cpu().numpy()
+    labels = np.array([r["labels"] for r in rows], dtype=np.int64)
+    scores = {f"{split}/accuracy": accuracy_score(labels, preds),
+              f"{split}/f1_macro": f1_score(labels, preds, average="macro", labels=list(range(num_labels)),
+                                            zero_division=0),
+              f"{split}/loss": loss_sum / len(rows)}
+    return scores, pd.DataFrame({"index": np.asarray(index, dtype=np.int64), "label": labels, "prediction": preds})
 
 
 def total_steps(cfg, n_train: int) -> int:
@@ -61,10 +76,15 @@ def total_steps(cfg, n_train: int) -> int:
     return int(cfg.epochs * math.ceil(n_train / cfg.batch_size))
 
 
-def fit(model, train_ds, eval_ds, tokenizer, cfg, *, seed: int, num_labels: int, device: torch.device,
-        meter: Meter, log: Callable[[dict, int], None] = lambda metrics, step: None,
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, device: torch.device,
+        meter: Meter, log: Callable[[Points], None] = lambda points: None,
         on_eval: Callable[[int, dict], None] | None = None) -> dict[str, float]:
-    """Train `model` in place; return the final metrics (names as logged to MLflow)."""
+    """Train `model` in place, evaluating on `val_ds`; with cfg.select == "best" the weights of the best
+    val/accuracy step are restored at the end. Return the final metrics (names as logged to MLflow)."""
     steps = total_steps(cfg, len(train_ds))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -75,11 +95,14 @@ def fit(model, train_ds, eval_ds, tokenizer, cfg, *, seed: int, num_labels: int,
 
     tokens = samples = 0          # real (non-padding) tokens and examples seen by training steps
     window: list[float] = []      # losses since the last train/loss point
-    best_accuracy, last_loss, metrics = -1.0, float("nan"), {}
+    pending: Points = []          # store writes wait for the next evaluation or FLUSH_S (clock stopped)
+    flushed = time.monotonic()
+    best_accuracy, best_step, best_state = -1.0, 0, None
+    last_loss, val, opt_bytes = float("nan"), {}, 0
+    before_train = meter.current_bytes()  # mem/train_growth_bytes: model and data loaded, nothing trained yet
     bar = tqdm(range(1, steps + 1), desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    meter.start("train")
     for step in bar:
-        if not meter.running("train"):
-            meter.start("train")
         model.train()
         batch = _pad(tokenizer, [train_rows[i] for i in next(batches)], device)
         loss = model(**batch).loss
@@ -90,32 +113,54 @@ def fit(model, train_ds, eval_ds, tokenizer, cfg, *, seed: int, num_labels: int,
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if step == 1:
+            opt_bytes = optimizer_bytes(optimizer)  # mem/optimizer_bytes: the state exists after the first step
         tokens += int(batch["attention_mask"].sum())
         samples += len(batch["labels"])
         window.append(loss.item())
 
         if step % cfg.log_every == 0 or step == steps:
             last_loss = sum(window) / len(window)  # train/loss: mean training loss over the last log window
-            log({"train/loss": last_loss, "train/lr": scheduler.get_last_lr()[0]}, step)
+            pending.append((step, {M.TRAIN_LOSS: last_loss, M.TRAIN_LR: scheduler.get_last_lr()[0]}))
             window.clear()
             bar.set_postfix(loss=f"{last_loss:.4f}")
+            if time.monotonic() - flushed > FLUSH_S and not (step % eval_every == 0 or step == steps):
+                meter.stop("train")  # a long stretch without evaluation: show progress in the store now
+                log(pending)
+                pending, flushed = [], time.monotonic()
+                meter.start("train")
         if step % eval_every == 0 or step == steps:
             meter.stop("train")
             meter.start("eval")
-            metrics = evaluate(model, eval_ds, tokenizer, cfg.eval_batch_size, num_labels, device)
+            val, _ = evaluate(model, val_ds, tokenizer, cfg.eval_batch_size, num_labels, device, split="val")
             meter.stop("eval")
-            best_accuracy = max(best_accuracy, metrics["eval/accuracy"])
-            log(metrics, step)
-            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{metrics['eval/accuracy']:.3f}")
+            if val[M.VAL_ACCURACY] > best_accuracy:  # ties keep the earlier step
+                best_accuracy, best_step = val[M.VAL_ACCURACY], step
+                if cfg.select == "best":
+                    best_state = _trainable_state(model)
+            log([*pending, (step, val)])
+            pending, flushed = [], time.monotonic()
+            bar.set_postfix(loss=f"{loss.item():.4f}", val_acc=f"{val[M.VAL_ACCURACY]:.3f}")
             if on_eval is not None:
-                on_eval(step, metrics)  # e.g. a sweep's pruner; may raise to stop the run
+                on_eval(step, val)  # e.g. a sweep's pruner; may raise to stop the run
+            if step < steps:
+                meter.start("train")
     bar.close()
 
+    if best_state is not None:  # train.select=best: test and save the weights of the best validation step
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best_state:
+                    p.copy_(best_state[n])
     train_s = meter.seconds["train"]
-    return {**metrics,
-            "eval/best_accuracy": best_accuracy,   # max over the periodic evaluations (selected on eval data)
-            "train/loss": last_loss,
-            "train/steps": steps,
-            "train/tokens": tokens,
-            "throughput/train_tokens_per_s": tokens / train_s,   # real tokens (padding excluded) / time/train_s
-            "throughput/train_samples_per_s": samples / train_s}
+    return {**val,
+            M.VAL_BEST_ACCURACY: best_accuracy,   # max of val/accuracy over the periodic evaluations
+            M.VAL_BEST_STEP: best_step,           # the step it was reached at (the earliest, on ties)
+            M.TRAIN_SELECTED_STEP: best_step if cfg.select == "best" else steps,
+            M.TRAIN_LOSS: last_loss,
+            M.TRAIN_STEPS: steps,
+            M.TRAIN_TOKENS: tokens,
+            M.MEM_TRAIN_GROWTH: meter.peak_bytes["train"] - before_train,   # see bench/measure.py
+            M.MEM_OPTIMIZER: opt_bytes,
+            M.THROUGHPUT_TOKENS: tokens / train_s,   # real tokens (padding excluded) / time/train_s
+            M.THROUGHPUT_SAMPLES: samples / train_s}

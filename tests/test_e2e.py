@@ -7,19 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from bench import metrics as M
 from bench.run import run
 from tests.conftest import ROOT, compose
 
-METRICS = ["eval/accuracy", "eval/f1_macro", "eval/best_accuracy", "train/loss", "mem/peak_train_bytes",
-           "mem/peak_eval_bytes", "time/train_s", "time/eval_s", "time/total_s", "ckpt/bytes", "params/trainable",
-           "params/total", "params/trainable_pct", "throughput/train_tokens_per_s"]
+METRICS = list(M.RUN)   # every metric a finished CPU run reports (bench/metrics.py)
 TAGS = ["method", "model", "task", "quant", "seed", "status", "git_commit", "version.torch",
         "version.transformers", "version.peft", "version.bitsandbytes", "device_name", "torch_threads"]
 SHORT = ["train.max_steps=12", "train.eval_every=6", "train.log_every=3", "task.max_train_samples=256",
-         "task.max_eval_samples=64"]
+         "task.max_eval_samples=64", "task.max_test_samples=64"]
 
 
 def runs(uri: str):
@@ -54,9 +54,12 @@ def test_main_command_multirun_with_a_broken_job(tmp_path):
         assert 0 < r.data.metrics["params/trainable_pct"] < 100
         assert r.data.metrics["mem/peak_train_bytes"] > 50e6  # a whole process holding MiniLM
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"config.yaml", "result.json"} <= artifacts
+        assert {"config.yaml", "result.json", "predictions"} <= artifacts
         result = json.loads(Path(client.download_artifacts(r.info.run_id, "result.json", str(tmp_path))).read_text())
-        assert result["metrics"]["eval/accuracy"] == r.data.metrics["eval/accuracy"]
+        assert result["metrics"]["test/accuracy"] == r.data.metrics["test/accuracy"]
+        predictions = pd.read_parquet(client.download_artifacts(r.info.run_id, M.PREDICTIONS_ARTIFACT, str(tmp_path)))
+        assert len(predictions) == 64 and list(predictions.columns) == ["index", "label", "prediction"]
+        assert (predictions.label == predictions.prediction).mean() == r.data.metrics["test/accuracy"]
     # the summary table lists every job, the failed one with its reason
     for name in ("lora-trec-minilm-s0", "adapter-trec-minilm-s0", "prefix-trec-minilm-s0", "broken-trec-minilm-s0"):
         assert name in out
@@ -73,6 +76,9 @@ def test_in_process_run_logs_everything_and_failure_is_marked(tiny_overrides, tm
     assert not [m for m in METRICS if m not in found[0].data.metrics]
     history = client.get_metric_history(found[0].info.run_id, "train/loss")
     assert len(history) >= 6  # every log_every steps, not just the final value
+    val = client.get_metric_history(found[0].info.run_id, "val/accuracy")
+    assert sorted(m.step for m in val) == [30, 60]  # each periodic evaluation on validation
+    assert [m.step for m in client.get_metric_history(found[0].info.run_id, "test/accuracy")] == [60]  # once
 
     bad = compose("method=lora", *tiny_overrides, "train.lr=1e12", "train.max_grad_norm=1e12")
     with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d+"):

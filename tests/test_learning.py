@@ -18,5 +18,5 @@ def test_lora_on_real_minilm_trec_beats_majority_class_by_far(tmp_path):
     test_labels = tasks.load(cfg.task, 0).test["label"]
     majority = Counter(test_labels).most_common(1)[0][1] / len(test_labels)  # DESC: 138/500 = 0.276
     # measured: 0.870 (f1 0.72) after 200 steps, seed 0; the bound leaves room for other seeds and library versions
-    assert result.metrics["eval/accuracy"] > 0.65 > majority + 0.3, result.metrics
-    assert result.metrics["eval/f1_macro"] > 0.4
+    assert result.metrics["test/accuracy"] > 0.65 > majority + 0.3, result.metrics
+    assert result.metrics["test/f1_macro"] > 0.4

@@ -110,7 +110,7 @@ def test_killed_worker_fails_its_run_and_sigterm_stops_the_multirun(cli, tmp_pat
     # job 0: its worker dies as if the OS out-of-memory killer took it: that run fails, the multirun goes on
     os.kill(wait_for(lambda: worker_of(uri, 0), what="worker of seed 0"), signal.SIGKILL)
     # job 1, training: SIGTERM to the multirun only; it forwards the signal to its worker
-    worker = wait_for(lambda: worker_of(uri, 1, need_metric="train/loss"), what="seed 1 training")
+    worker = wait_for(lambda: worker_of(uri, 1, need_metric="params/trainable"), what="seed 1 training")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out
@@ -196,7 +196,7 @@ def test_finished_run_is_skipped_and_rerun_forces_it(tiny_overrides, tmp_path, c
     assert capsys.readouterr().out.strip().splitlines()[-1] == \
         f"skip lora-local-hf-s0: finished earlier (run {first.run_id})"
     assert second.skipped and second.run_id == first.run_id and second.status == "FINISHED"
-    assert second.metrics["eval/accuracy"] == first.metrics["eval/accuracy"]
+    assert second.metrics["test/accuracy"] == first.metrics["test/accuracy"]
     assert Result.read(tmp_path / "b").skipped and len(runs(uri)) == 1
     third = execute(compose(*tiny_overrides, "rerun=true"), tmp_path / "c")
     assert not third.skipped and third.run_id != first.run_id
@@ -240,8 +240,8 @@ def test_orphans_are_closed_but_never_a_live_process_run(tiny_overrides):
 
 def test_summary_marks_skipped_runs_and_fails_only_on_failed_runs(capsys):
     cfg = compose()
-    done = Result("lora-trec-minilm-s0", "FINISHED", "r1", {"eval/accuracy": 0.9}, skipped=True)
-    report([done, Result("head-trec-minilm-s0", "FINISHED", "r2", {"eval/accuracy": 0.5})], cfg)
+    done = Result("lora-trec-minilm-s0", "FINISHED", "r1", {"test/accuracy": 0.9}, skipped=True)
+    report([done, Result("head-trec-minilm-s0", "FINISHED", "r2", {"test/accuracy": 0.5})], cfg)
     out = capsys.readouterr().out
     assert "FINISHED (skipped)" in out and "2 runs: 1 finished now, 1 skipped" in out
     with pytest.raises(SystemExit) as e:
@@ -289,7 +289,7 @@ for i in range(n):
     run_id = tracker.start(cfg)
     tracker.log_config(run_id, cfg)
     for step in range(5):
-        tracker.log_metrics(run_id, {"train/loss": 1.0 / (step + 1), "eval/accuracy": 0.5}, step)
+        tracker.log_metrics(run_id, {"train/loss": 1.0 / (step + 1), "val/accuracy": 0.5}, step)
     tracker.set_tags(run_id, {"mem_source": "test"})
     tracker.end(run_id, "FINISHED")
 """

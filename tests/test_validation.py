@@ -66,16 +66,26 @@ CASES = [
     ("data file empty", ["task.path={empty}"], r"^task.path: file is empty: .*empty\.csv$"),
     ("data file header only", ["task.path={header_only}"], r"^task.path: file is empty: .*header_only\.csv$"),
     ("data file type", ["task.path={xlsx}"], r"^task.path: unsupported file type '\.xlsx' .*; valid: \.csv, \.tsv"),
-    ("eval file missing", ["task.eval_path={missing}"], r"^task.eval_path: file not found: .*nope\.csv$"),
+    ("test file missing", ["task.test_path={missing}"], r"^task.test_path: file not found: .*nope\.csv$"),
+    ("validation file missing", ["task.validation_path={missing}"],
+     r"^task.validation_path: file not found: .*nope\.csv$"),
+    ("validation size zero", ["task.validation_size=0"],
+     r"^task.validation_size: must be a count >= 1 or a fraction in \(0, 1\), or null"),
+    ("validation size a whole fraction", ["task.validation_size=1.5"], r"^task.validation_size: must be a count"),
+    ("test subsample zero", ["task.max_test_samples=0"], r"^task.max_test_samples: must be a number > 0, got 0$"),
+    ("selection unknown", ["train.select=first"], r"^train.select: unknown choice 'first'; valid: last, best$"),
     ("no text column", ["task.text_column=sentence"],
      r"^task.text_column: column 'sentence' not in .*toy\.csv; columns: text, label$"),
     ("no label column", ["task.label_column=stars"], r"^task.label_column: column 'stars' not in .*; columns: text, label$"),
     ("labels outside declared classes", ["task.label_names=[red,green]"],
      r"^task.label_names: train labels 'blue' are outside the declared classes \['red', 'green'\]"),
-    ("eval labels outside training classes", ["task.eval_path={eval_purple}"],
+    ("test labels outside training classes", ["task.test_path={eval_purple}"],
      r"^task.label_names: test labels 'purple' are outside the declared classes \['blue', 'green', 'red'\]"),
     ("dataset split missing", ["task=hf", "task.dataset={hf_folder}"],
-     r"^task.eval_split: split 'test' not in .*hf_data; valid: train$"),
+     r"^task.test_split: split 'test' not in .*hf_data; valid: train$"),
+    ("validation split missing", ["task=hf", "task.dataset={hf_folder}", "task.test_split=train",
+                                  "task.validation_split=validation"],
+     r"^task.validation_split: split 'validation' not in .*hf_data; valid: train$"),
     ("dataset not found", ["task=hf", "task.dataset={missing_dir}"], r"^task.dataset: cannot read the splits of .*nowhere"),
     ("model folder without config", ["model.name_or_path={no_config}"],
      r"^model.name_or_path: no config.json in .*no_config; a model folder needs config.json"),
@@ -221,5 +231,5 @@ def test_max_train_samples_larger_than_the_data_is_clamped_with_a_note(case_over
     cfg = compose(*case_overrides(["task.max_train_samples=100000"], files))
     assert check_command(case_overrides(["task.max_train_samples=100000"], files), multirun=False) == []
     data = tasks.load(cfg.task, seed=0)
-    assert len(data.train) == 192  # all of the toy set's 80 % training split
-    assert "note: task.max_train_samples=100000 is larger than the split (192); using all 192" in capsys.readouterr().out
+    assert len(data.train) == 173  # all of the toy set's 80 % training split, less its 10 % validation hold-out
+    assert "note: task.max_train_samples=100000 is larger than the split (173); using all 173" in capsys.readouterr().out

@@ -73,9 +73,10 @@ def count_parameters(model) -> tuple[int, int]:
 def save(model, method_cfg, out_dir: Path) -> int:
     """Write the checkpoint of what trained to out_dir (atomically); return its bytes on disk.
 
-    ckpt/bytes: the sum of the sizes of the files written: for peft methods what save_pretrained writes for the
-    adapter (adapter_model.safetensors, which includes the trained head, + adapter_config.json); for `full`, the
-    whole model (model.safetensors + config.json); for `head`, the trained head weights (head.safetensors).
+    ckpt/bytes: the bytes of the weight files plus the config needed to reload them, nothing else: for peft
+    methods adapter_model.safetensors (which includes the trained head) + adapter_config.json; for `full`, the
+    whole model (model.safetensors + config.json); for `head`, the trained head weights (head.safetensors). Other
+    files save_pretrained writes (peft's model card README.md) are kept but not counted.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,16 @@ def save(model, method_cfg, out_dir: Path) -> int:
         os.replace(tmp, out_dir)  # a crash never leaves a half-written checkpoint under the final name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+    return checkpoint_bytes(out_dir)
+
+
+CKPT_COUNTED = ("*.safetensors", "*config.json")   # weights, and the config that reloads them
+
+
+def checkpoint_bytes(ckpt_dir: Path) -> int:
+    """ckpt/bytes of a checkpoint folder (see save)."""
+    files = {f for pattern in CKPT_COUNTED for f in Path(ckpt_dir).rglob(pattern) if f.is_file()}
+    return sum(f.stat().st_size for f in files)
 
 
 def reload(base_model, method_cfg, ckpt_dir: Path):
