@@ -1,8 +1,11 @@
 """Sweeps (bench/sweep) on the tiny random-init BERT (plumbing, not learning): trials finish and are recorded in a
 real Optuna journal and a real MLflow store; a SIGKILLed sweep resumes to exactly N finished trials; a raising
-trial is FAILED and the study goes on; the pruner stops a clearly worse trial; two workers share one study."""
+trial is FAILED and the study goes on; the pruner stops a clearly worse trial; two workers share one study.
+Protocol: a sweep selects on validation (val/*) or a cost, never on test/* (refused, as is the renamed eval/*);
+the best trial is the best on the objective, and its one test evaluation is reported beside it."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -17,10 +20,13 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from rich.console import Console
 
-from bench.sweep import spec
+from bench import metrics as M
+from bench.errors import BenchError
+from bench.sweep import report, spec
 from bench.sweep.cli import main
-from bench.sweep.study import compose, open_storage
+from bench.sweep.study import Job, compose, open_storage, progress_line
 from tests.conftest import ROOT
 
 LORA = ROOT / "sweeps" / "lora_rank_alpha.yaml"
@@ -50,7 +56,7 @@ def mlflow_runs(tmp_path: Path, study: str):
 
 def write_sweep(tmp_path: Path, name: str, **doc) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"overrides": ["method=lora"], "objective": {"metric": "eval/accuracy"},
+    path.write_text(yaml.safe_dump({"overrides": ["method=lora"], "objective": {"metric": M.VAL_ACCURACY},
                                     "trials": 1, **doc}))
     return path
 
@@ -96,7 +102,8 @@ def test_sweep_runs_n_trials_nested_under_one_parent_run(sweep_args, tmp_path):
         run = by_trial[t.number]
         assert run.info.status == "FINISHED" and run.info.run_id == t.user_attrs["mlflow_run_id"]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.metrics["eval/accuracy"] == pytest.approx(t.value)
+        assert run.data.metrics[M.VAL_ACCURACY] == pytest.approx(t.value)
+        assert t.user_attrs["test_metrics"] == pytest.approx({k: run.data.metrics[k] for k in M.TEST})
         r, mult = t.params["method.r"], t.params["alpha_per_rank"]   # alpha is r x multiplier
         assert run.data.params["method.r"] == str(r)
         assert float(run.data.params["method.alpha"]) == r * mult
@@ -104,7 +111,13 @@ def test_sweep_runs_n_trials_nested_under_one_parent_run(sweep_args, tmp_path):
         assert run.data.params["model.name_or_path"] != "null"   # the command line's overrides reached it
 
     best = study.best_trial
-    assert parent.data.metrics["best/eval/accuracy"] == pytest.approx(best.value)
+    assert best.value == max(t.value for t in study.trials)   # selected on the objective (validation)
+    assert parent.data.metrics[f"best/{M.VAL_ACCURACY}"] == pytest.approx(best.value)
+    best_run = by_trial[best.number]   # its one test evaluation, reported beside the selection
+    assert parent.data.metrics[f"best_trial/{M.TEST_ACCURACY}"] == pytest.approx(best_run.data.metrics[M.TEST_ACCURACY])
+    summary = json.loads((tmp_path / "reports" / "lora_rank_alpha" / "summary.json").read_text())
+    assert summary["objective"] == M.VAL_ACCURACY and summary["best_trial"] == best.number
+    assert summary["best_test"] == pytest.approx({k: best_run.data.metrics[k] for k in M.TEST})
     assert parent.data.tags["best_trial"] == str(best.number)
     assert parent.data.tags["best.method.r"] == str(best.params["method.r"])
     report = tmp_path / "reports" / "lora_rank_alpha"
@@ -251,3 +264,101 @@ def test_resuming_with_different_overrides_is_refused(sweep_args, tmp_path, caps
     err = capsys.readouterr().err
     assert "--study same" in err and "overrides" in err and "train.max_steps=20" in err
     assert len(load(tmp_path, "same").trials) == 1
+
+
+@pytest.mark.parametrize("metric, message", [
+    (M.TEST_ACCURACY, "objective.metric: test/accuracy is a test metric; sweeps select on validation"),
+    (M.TEST_F1_MACRO, "test/f1_macro is a test metric"),
+    ("eval/accuracy", "objective.metric: eval/accuracy was renamed: periodic evaluation now runs on the "
+                      "validation split (val/accuracy)"),
+])
+def test_objective_on_test_data_or_the_old_eval_name_is_refused(metric, message, sweep_args, tmp_path, capsys):
+    path = write_sweep(tmp_path, "peeks", objective={"metric": metric},
+                       search_space={"method.r": {"type": "categorical", "choices": [2]}})
+    assert main([str(path), *sweep_args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "valid: val/accuracy, val/f1_macro" in err, err
+    assert not (tmp_path / "optuna.journal").exists(), "no study"
+    assert not (tmp_path / "mlflow.db").exists(), "no MLflow run"
+    assert not (tmp_path / "reports").exists()
+
+
+def test_objective_rules(tmp_path):
+    def load_doc(tmp: Path, **doc) -> spec.Sweep:
+        path = tmp / "s.yaml"
+        path.write_text(yaml.safe_dump({"trials": 1, "search_space": {"method.r": {"type": "categorical",
+                                                                                   "choices": [2]}}, **doc}))
+        return spec.load(path)
+
+    tmp = tmp_path
+    assert load_doc(tmp).metric == M.VAL_ACCURACY == spec.DEFAULT_OBJECTIVE
+    for metric in (*M.VAL_PERIODIC, M.VAL_BEST_ACCURACY, *M.COSTS):
+        assert load_doc(tmp, objective={"metric": metric, "direction": "minimize"}).metric == metric
+    assert not set(spec.OBJECTIVES) & set(M.TEST)
+    with pytest.raises(BenchError, match="not a sweep objective"):
+        load_doc(tmp, objective={"metric": M.TRAIN_LOSS})
+    for metric in M.VAL_PERIODIC:   # the pruner sees what every periodic evaluation reports
+        load_doc(tmp, objective={"metric": metric}, pruner={"type": "MedianPruner"})
+    for metric in (M.VAL_BEST_ACCURACY, M.TIME_TRAIN):
+        with pytest.raises(BenchError, match="pruner: needs an objective.metric the periodic evaluation reports"):
+            load_doc(tmp, objective={"metric": metric}, pruner={"type": "MedianPruner"})
+
+
+class FakeTracker:
+    def __init__(self):
+        self.metrics, self.tags, self.client = {}, {}, self
+
+    def log_metrics(self, run_id, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def set_tags(self, run_id, tags):
+        self.tags.update(tags)
+
+    def log_artifacts(self, run_id, path):
+        pass
+
+
+def test_best_trial_is_the_best_on_validation_not_on_test(tmp_path):
+    """Trials whose test ordering disagrees with their validation ordering: the best trial, everything the report
+    says about it and the parent run's figures follow validation; its test figure is shown beside it."""
+    path = write_sweep(tmp_path, "protocol", search_space={"method.r": {"type": "categorical", "choices": [2, 4, 8]}})
+    sweep = spec.load(path)
+    spec.check_keys(sweep, compose(sweep.overrides))
+    study = optuna.create_study(study_name="protocol", direction="maximize")
+    dist = {"method.r": optuna.distributions.CategoricalDistribution([2, 4, 8])}
+    for r, val, test in ((2, 0.80, 0.95), (4, 0.90, 0.80), (8, 0.85, 0.90)):   # best val: r=4; best test: r=2
+        study.add_trial(optuna.trial.create_trial(
+            params={"method.r": r}, distributions=dist, value=val,
+            user_attrs={"train_steps": 30, "test_metrics": {M.TEST_ACCURACY: test, M.TEST_F1_MACRO: test - 0.1,
+                                                            M.TEST_LOSS: 1 - test}}))
+    study.add_trial(optuna.trial.create_trial(   # pruned at a high validation figure: never the best
+        params={"method.r": 8}, distributions=dist, state=TrialState.PRUNED, intermediate_values={15: 0.99},
+        user_attrs={"train_steps": 15, "pruned_at_step": 15}))
+
+    out = tmp_path / "reports" / "protocol"
+    info, table = report.write(study, sweep, [], out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_trial"] == 1 and summary["best_value"] == 0.90 and summary["objective"] == M.VAL_ACCURACY
+    assert summary["best_test"] == {M.TEST_ACCURACY: 0.80, M.TEST_F1_MACRO: pytest.approx(0.70),
+                                    M.TEST_LOSS: pytest.approx(0.20)}
+    assert "method.r=4" in (out / "best.txt").read_text()
+    trials_txt = (out / "trials.txt").read_text()
+    assert M.TEST_ACCURACY in trials_txt and "0.9000 *" in trials_txt
+    assert "selection uses the objective only" in trials_txt
+
+    tracker = FakeTracker()
+    report.log_to_parent(tracker, "parent", info, out)
+    assert tracker.metrics[f"best/{M.VAL_ACCURACY}"] == 0.90
+    assert tracker.metrics[f"best_trial/{M.TEST_ACCURACY}"] == 0.80
+    assert not any(k.startswith("best/test") for k in tracker.metrics)
+    assert tracker.tags["best_trial"] == 1
+
+    console = Console(record=True, width=300, file=io.StringIO())
+    report.print_report(console, info, table, out)
+    assert ("best val/accuracy 0.9000 (trial 1); its test/accuracy 0.8000 (scored once, not used for selection)"
+            in console.export_text())
+    job = Job(sweep_file=str(path), cli_overrides=[], trials=4, storage="", study="protocol", parent_run_id="",
+              out_root="")
+    line = Console(record=True, width=300, file=io.StringIO())
+    line.print(progress_line(study, sweep, job, 3, TrialState.PRUNED, "pruned", 1.0))
+    assert "best val/accuracy 0.9000 (trial 1; its test/accuracy 0.8000)" in line.export_text()

@@ -1,5 +1,19 @@
 """What a sweep leaves behind, in reports/<study>/ and on the study's parent MLflow run: the best configuration
-as a `python -m bench` line, the trials table (text and csv), parameter importances and the objective plot."""
+as a `python -m bench` line, the trials table (text and csv), parameter importances and the objective plot.
+
+Selection and the test figure (bench/metrics.py: the protocol). The best trial is the best COMPLETE trial on the
+objective (a val/* metric or a cost: optuna's best_trial). Beside it every output shows that trial's test
+figures: the one test evaluation of the chosen configuration, reported, never used for selection:
+- the progress line: `best val/accuracy 0.9120 (trial 7; its test/accuracy 0.9040)`;
+- the trials table: a `test/accuracy` column (each COMPLETE trial's own test evaluation); the `*` marks the best
+  on the objective, and the caption says that selection uses the objective only;
+- summary.json: `best_value` (the objective), `best_test` (the best trial's test/* metrics, from its Optuna user
+  attribute `test_metrics`; {} when its run reported none);
+- the parent MLflow run: `best/<objective>` (e.g. `best/val/accuracy`) and `best_trial/<test metric>` (e.g.
+  `best_trial/test/accuracy`: named after the trial, not `best/test/...`, since it is not a best over trials);
+- the printed line: `best val/accuracy 0.9120 (trial 7); its test/accuracy 0.9040 (scored once, not used for
+  selection)`.
+best.txt stays the command line of the best configuration."""
 from __future__ import annotations
 
 import io
@@ -14,7 +28,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bench.sweep.study import FINISHED, fmt_value, short
+from bench import metrics as M
+from bench.sweep.study import FINISHED, fmt_test, fmt_value, short, trial_test_metrics
+
+BEST_TEST_PREFIX = "best_trial/"   # parent run: best_trial/test/accuracy, ... (the best trial's test figures)
 
 STATE_COLOURS = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
 
@@ -45,8 +62,10 @@ def best_command(study: optuna.Study, sweep, cli_overrides: list[str]) -> str | 
 
 def trials_table(study: optuna.Study, sweep) -> Table:
     keys = sweep.searched_keys
-    table = Table(title=f"study {study.study_name}: {sweep.metric} ({sweep.direction})")
-    for col in ("#", "state", sweep.metric, *keys, "steps", "time", "note"):
+    table = Table(title=f"study {study.study_name}: selection on {sweep.metric} ({sweep.direction})",
+                  caption=f"* best on {sweep.metric}: selection uses the objective only; {M.TEST_ACCURACY} is each "
+                          "complete trial's one test evaluation, shown, never used for selection")
+    for col in ("#", "state", sweep.metric, M.TEST_ACCURACY, *keys, "steps", "time", "note"):
         table.add_column(col, justify="left" if col in ("state", "note") else "right")
     best = best_trial(study)
     for t in study.get_trials(deepcopy=False):
@@ -62,7 +81,7 @@ def trials_table(study: optuna.Study, sweep) -> Table:
         if "retry_of" in t.user_attrs:
             note = f"retry of {t.user_attrs['retry_of']}" + (f"; {note}" if note else "")
         colour = STATE_COLOURS.get(t.state.name, "white")
-        table.add_row(str(t.number), f"[{colour}]{t.state.name}[/{colour}]", value,
+        table.add_row(str(t.number), f"[{colour}]{t.state.name}[/{colour}]", value, fmt_test(t),
                       *(escape(short(values[k])) if k in values else "-" for k in keys),
                       str(t.user_attrs["train_steps"]) if "train_steps" in t.user_attrs else "-",
                       f"{t.duration.total_seconds():.1f} s" if t.duration else "-", escape(note[:90]))
@@ -162,6 +181,8 @@ def summary(study: optuna.Study, sweep, cli_overrides: list[str]) -> dict:
         "best_params": None if best is None else best.params,
         "best_overrides": None if best is None else {k: v for k, v in sweep.run_overrides(best.params).items()},
         "best_run_id": None if best is None else best.user_attrs.get("mlflow_run_id"),
+        # the best trial's one test evaluation: reported beside the selection, not used for it
+        "best_test": None if best is None else trial_test_metrics(best),
         "best_command": best_command(study, sweep, cli_overrides),
     }
 
@@ -193,6 +214,8 @@ def log_to_parent(tracker, parent_run_id: str, info: dict, out_dir: Path) -> Non
                **{f"sweep/{k.lower()}_trials": v for k, v in info["states"].items() if k != "WAITING"}}
     if info["best_value"] is not None and math.isfinite(info["best_value"]):
         metrics[f"best/{info['objective']}"] = info["best_value"]
+    metrics.update({f"{BEST_TEST_PREFIX}{k}": v for k, v in (info.get("best_test") or {}).items()
+                    if isinstance(v, (int, float)) and math.isfinite(v)})
     tracker.log_metrics(parent_run_id, metrics, step=info["finished_trials"])
     if info["best_trial"] is not None:
         tags = {"best_trial": info["best_trial"], "best_run_id": info["best_run_id"] or "",
@@ -214,8 +237,11 @@ def print_report(console: Console, info: dict, table: Table, out_dir: Path) -> N
     console.print(f"{info['finished_trials']} finished ({s['COMPLETE']} complete, {s['PRUNED']} pruned), "
                   f"{s['FAIL']} failed; {info['train_steps']} training steps in all")
     if info["best_command"]:
-        console.print(f"best {info['objective']} {info['best_value']:.4f} (trial {info['best_trial']}); "
-                      "run it again with:")
+        test = (info.get("best_test") or {}).get(M.TEST_ACCURACY)
+        console.print(escape(f"best {info['objective']} {info['best_value']:.4f} (trial {info['best_trial']}); its "
+                             f"{M.TEST_ACCURACY} " + ("-" if test is None else f"{test:.4f}")
+                             + " (scored once, not used for selection)"))
+        console.print("run it again with:")
         console.print(escape(info["best_command"]), soft_wrap=True)
     console.print(escape(f"report: {out_dir}/ (best.txt, summary.json, trials.txt, trials.csv, importances.json, "
                   "objective.png)"))

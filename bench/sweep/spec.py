@@ -3,7 +3,7 @@
 Schema (README: Sweeps):
     study: name                      # optional; default: the file's stem
     overrides: [method=lora, ...]    # base run overrides, as on the `python -m bench` command line
-    objective: {metric: eval/accuracy, direction: maximize}
+    objective: {metric: val/accuracy, direction: maximize}   # a val/* metric or a cost (see OBJECTIVES)
     trials: 30                       # finished (COMPLETE + PRUNED) trials to reach; --trials overrides
     search_space:                    # name -> {type: categorical|int|float, ...}
       method.r: {type: categorical, choices: [2, 4, 8]}
@@ -27,17 +27,33 @@ import optuna
 import yaml
 from omegaconf import OmegaConf
 
+from bench import metrics as M
 from bench.errors import BenchError
 
 KEYS = ("study", "overrides", "objective", "trials", "search_space", "derived", "sampler", "pruner", "plot")
 PARAM_TYPES = ("categorical", "int", "float")
 DIRECTIONS = ("maximize", "minimize")
-# metrics every run reports (bench/run.py); the periodic evaluation reports the eval/* ones except best_accuracy
-METRICS = ("eval/accuracy", "eval/f1_macro", "eval/best_accuracy", "eval/loss", "train/loss", "train/steps",
-           "train/tokens", "mem/peak_train_bytes", "mem/peak_eval_bytes", "time/train_s", "time/eval_s",
-           "time/total_s", "ckpt/bytes", "params/trainable", "params/total", "params/trainable_pct",
-           "throughput/train_tokens_per_s", "throughput/train_samples_per_s")
-EVAL_METRICS = ("eval/accuracy", "eval/f1_macro", "eval/loss")
+# What a sweep may select on (bench/metrics.py: the protocol). Selection uses the validation split; the test
+# split is scored once per run, after selection, so a test/* objective would select on test data. Costs are
+# measured on the run itself. The periodic evaluation reports VAL_PERIODIC at each eval step: pruning needs one.
+OBJECTIVES = (*M.VAL_PERIODIC, M.VAL_BEST_ACCURACY, *M.COSTS)
+DEFAULT_OBJECTIVE = M.VAL_ACCURACY
+
+
+def check_objective(where: str, metric) -> None:
+    """A valid objective, else a BenchError whose one line says why (a test metric; a renamed eval/* one)."""
+    if metric in OBJECTIVES:
+        return
+    valid = f"valid: {', '.join(OBJECTIVES)}"
+    if metric in M.TEST or str(metric).startswith("test/"):
+        raise BenchError(f"{where}: {metric} is a test metric; sweeps select on validation (test data is scored "
+                         f"once, after selection); {valid}")
+    if str(metric).startswith("eval/"):
+        renamed = "val/" + str(metric)[len("eval/"):]
+        what = f"{metric} was renamed" if renamed in OBJECTIVES else f"{metric}: the eval/* metrics were renamed"
+        hint = f" ({renamed})" if renamed in OBJECTIVES else " (val/*)"
+        raise BenchError(f"{where}: {what}: periodic evaluation now runs on the validation split{hint}; {valid}")
+    raise BenchError(f"{where}: {metric!r} is not a sweep objective (a val/* metric or a cost); {valid}")
 
 
 class NoStopGridSampler(optuna.samplers.GridSampler):
@@ -189,9 +205,11 @@ def load(path: str | Path) -> Sweep:
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise BenchError(f"{path}: overrides: must be a list of strings like 'method=lora'")
     objective = doc.get("objective") or {}
-    metric, direction = objective.get("metric", "eval/accuracy"), objective.get("direction", "maximize")
-    if metric not in METRICS:
-        raise BenchError(f"{path}: objective.metric: unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    if not isinstance(objective, dict):
+        raise BenchError(f"{path}: objective: must be {{metric: METRIC, direction: maximize|minimize}}")
+    metric = objective.get("metric", DEFAULT_OBJECTIVE)
+    direction = objective.get("direction", "maximize")
+    check_objective(f"{path}: objective.metric", metric)
     if direction not in DIRECTIONS:
         raise BenchError(f"{path}: objective.direction: {direction!r}; valid: {', '.join(DIRECTIONS)}")
 
@@ -217,9 +235,9 @@ def load(path: str | Path) -> Sweep:
     valid = _classes(optuna.pruners, optuna.pruners.BasePruner)
     if pruner is not None and (not isinstance(pruner, dict) or pruner.get("type") not in valid):
         raise BenchError(f"{path}: pruner.type: {pruner!r}; valid: {', '.join(valid)}, or null for none")
-    if pruner and metric not in EVAL_METRICS:
+    if pruner and metric not in M.VAL_PERIODIC:
         raise BenchError(f"{path}: pruner: needs an objective.metric the periodic evaluation reports "
-                         f"({', '.join(EVAL_METRICS)}); got {metric!r}; set pruner: null")
+                         f"({', '.join(M.VAL_PERIODIC)}); got {metric!r}; set pruner: null")
 
     trials = doc.get("trials")
     if trials is None and sampler["type"] == "GridSampler":

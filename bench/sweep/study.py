@@ -3,6 +3,11 @@
 Several processes (the --workers of one command, or several commands) share one study. Each asks for a trial
 under a file lock after counting what is finished and running, so the sweep stops at exactly the requested
 number of finished trials; a RUNNING trial whose worker process is gone is failed and retried.
+
+Protocol (bench/metrics.py): a trial reports the objective (a val/* metric) to the pruner at each periodic
+evaluation and is told its final value; the run's one test evaluation (test/*) is kept on the trial as the user
+attribute `test_metrics` for the report, and never reaches Optuna's value, so it plays no part in sampling,
+pruning or choosing the best trial.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.markup import escape
 
+from bench import metrics as M
 from bench.errors import BenchError
 from bench.sweep import spec as sweep_spec
 
@@ -197,6 +203,16 @@ def fmt_value(v) -> str:
     return repr(v) if isinstance(v, float) else str(v)
 
 
+def trial_test_metrics(t) -> dict[str, float]:
+    """A COMPLETE trial's test/* figures: its run's one test evaluation (empty when there is none)."""
+    return dict(t.user_attrs.get("test_metrics") or {})
+
+
+def fmt_test(t, metric: str = M.TEST_ACCURACY) -> str:
+    v = trial_test_metrics(t).get(metric)
+    return "-" if v is None else f"{v:.4f}"
+
+
 def short(v) -> str:
     """For people: 4 significant digits."""
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -251,7 +267,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep, job: Job, tracker
         fail_trial(study, trial.number, trial._trial_id, reason)
         return TrialState.FAIL, reason
     value = result.metrics.get(sweep.metric, math.nan)
-    trial.set_user_attr("train_steps", int(result.metrics["train/steps"]))
+    trial.set_user_attr("train_steps", int(result.metrics[M.TRAIN_STEPS]))
+    # the run's one test evaluation, for the report only (set before tell: a finished trial is read-only)
+    trial.set_user_attr("test_metrics", {k: float(result.metrics[k]) for k in M.TEST if k in result.metrics})
     if not math.isfinite(value):
         reason = f"objective {sweep.metric} is {value}"
         tracker.set_tags(run_id, {"sweep_error": reason})
@@ -267,7 +285,9 @@ def progress_line(study: optuna.Study, sweep, job: Job, number: int, state: Tria
     counts = trial_counts(study)
     done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
     try:
-        best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
+        best_trial = study.best_trial   # on the objective (validation); its test figure is shown, not used
+        best = (f"best {sweep.metric} {best_trial.value:.4f} (trial {best_trial.number}; its "
+                f"{M.TEST_ACCURACY} {fmt_test(best_trial)})")
     except ValueError:
         best = "no complete trial yet"
     colour = {TrialState.COMPLETE: "green", TrialState.PRUNED: "yellow"}.get(state, "red")
