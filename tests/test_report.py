@@ -1,5 +1,6 @@
 """`python -m bench.report`: a store filled by real short runs (tiny random-init BERT), and constructed cases for
-the statistics, the Pareto frontier, the noise wording and the bad-input errors."""
+the statistics (against libraries and hand-checked numbers), the Pareto frontier, the paired verdicts read from
+real prediction artifacts, the noise wording of budget claims, and the bad-input errors."""
 from __future__ import annotations
 
 import hashlib
@@ -10,15 +11,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
+from bench import metrics as M
 from bench.report import build_report, main
 from bench.report import data as report_data
-from bench.report.stats import mean_ci, pareto_front, within_noise
+from bench.report.predictions import Reader, local_candidates
+from bench.report.stats import (N_RESAMPLES, bootstrap_distribution, cost_spread, costs_apart, mcnemar_exact,
+                                mcnemar_test, mean_ci, paired_bootstrap, pareto_front, wilson)
 from bench.run import run
 from bench.track import Tracker
 from tests.conftest import ROOT, compose
@@ -63,7 +68,7 @@ def test_report_from_real_tiny_runs(tiny_overrides, one_thread, tmp_path):
             tmp_path / "nan")
     tracker = Tracker(uri, EXPERIMENT)
     parent = tracker.client.create_run(tracker.experiment_id, run_name="sweep-toy", tags={
-        "study": "toy", "sweep_role": "parent", "objective": "eval/accuracy", "direction": "maximize"}).info.run_id
+        "study": "toy", "sweep_role": "parent", "objective": M.VAL_ACCURACY, "direction": "maximize"}).info.run_id
     for trial, (r, alpha) in enumerate([(2, 4), (4, 16)]):
         cfg = compose("method=lora", f"method.r={r}", f"method.alpha={alpha}", *tiny_overrides)
         rid = tracker.start(cfg, extra_tags={"study": "toy", "trial": str(trial), "mlflow.parentRunId": parent})
@@ -93,28 +98,33 @@ def test_report_from_real_tiny_runs(tiny_overrides, one_thread, tmp_path):
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    acc = {(r.data.tags["method"], r.data.tags["seed"]): r.data.metrics["eval/accuracy"] for r in runs
+    acc = {(r.data.tags["method"], r.data.tags["seed"]): r.data.metrics[M.TEST_ACCURACY] for r in runs
            if r.info.status == "FINISHED" and "study" not in r.data.tags}
     assert "## local · hf · none" in md
     full, lora, ia3 = _row(md, "full"), _row(md, "lora"), _row(md, "ia3")
-    assert full[0] == "**full**" and full[3] == "reference"
+    assert full[0] == "**full**" and full[4] == "reference"
     for cells, method in ((full, "full"), (lora, "lora"), (ia3, "ia3")):
         values = [acc[(method, "0")], acc[(method, "1")]]
         hw = stats.t.ppf(0.975, 1) * np.std(values, ddof=1) / math.sqrt(2)
         assert cells[1] == "n=2 (0, 1)", cells  # sweep trials and the failed run stay out of the tables
         assert cells[2] == f"{100 * np.mean(values):.1f} ± {100 * hw:.1f} %", cells
+        assert cells[3].endswith(")") and "(n=" in cells[3], cells  # test-sampling interval: predictions were read
     delta = 100 * (np.mean([acc["lora", "0"], acc["lora", "1"]]) - np.mean([acc["full", "0"], acc["full", "1"]]))
-    assert lora[3] == f"{delta:+.1f} pt"
-    assert "(×" in lora[7]  # checkpoint ratio against full
+    assert lora[4] == f"{delta:+.1f} pt"
+    assert "(×" in lora[9]  # checkpoint ratio against full
     assert "### Which method to choose: local · hf · none" in md
-    assert "Smallest checkpoint within 1 point of the best accuracy" in md
+    assert "Smallest checkpoint within 1 point of the best test accuracy" in md
+    assert "paired bootstrap" in md  # two seeds per method, predictions logged by every run
+    assert "- Test predictions (`predictions/test.parquet`, for the test-sampling intervals and the paired tests): " \
+           "read for 6 of the 6 runs in the tables." in md
 
     # provenance: the failed run with its reason; sweeps: the study with its best trial
     failed = next(line for line in md.splitlines() if line.startswith("| lora-local-hf-s2 |"))
     assert "FAILED" in failed and "at step" in failed
     assert "## Sweeps" in md
     toy = next(line for line in md.splitlines() if line.startswith("| toy |"))
-    assert "maximize eval/accuracy" in toy and "method.alpha=" in toy and "method.r=" in toy
+    assert f"maximize {M.VAL_ACCURACY}" in toy and "method.alpha=" in toy and "method.r=" in toy
+    assert "the one test evaluation of the chosen configuration" in md
     assert "- Runs: 10 (1 FAILED, 9 FINISHED); 6 in the method tables, 3 sweep runs" in md
 
     # the plain-SQL reader returns exactly what MLflow's own search returns
@@ -124,7 +134,7 @@ def test_report_from_real_tiny_runs(tiny_overrides, one_thread, tmp_path):
     assert sorted(fast, key=key) == sorted(slow, key=key)
 
 
-# --- constructed cases ------------------------------------------------------------------------------------------
+# --- constructed cases: statistics ------------------------------------------------------------------------------
 def test_confidence_interval_against_a_hand_computed_case():
     # values 0.80, 0.84, 0.85: mean 0.83; s = sqrt((0.03² + 0.01² + 0.02²) / 2) = sqrt(0.0007) = 0.0264575;
     # t(0.975, 2 df) = 4.303 (t table); half-width = 4.303 × 0.0264575 / √3 = 0.06573
@@ -135,9 +145,94 @@ def test_confidence_interval_against_a_hand_computed_case():
     assert mean_ci([0.90, 0.80]).half_width == pytest.approx(0.6353, abs=2e-4)
     one = mean_ci([0.7])
     assert one.n == 1 and one.half_width is None and one.mean == 0.7
-    assert within_noise(mean_ci([0.80, 0.84, 0.85]), mean_ci([0.88, 0.89, 0.90])) is True   # 76.4-89.6 vs 86.5-91.5
-    assert within_noise(mean_ci([0.80, 0.81, 0.80]), mean_ci([0.90, 0.91, 0.90])) is False
-    assert within_noise(one, mean_ci([0.80, 0.84, 0.85])) is None
+
+
+def test_wilson_interval_against_the_libraries():
+    # integer count: scipy's own Wilson interval (an implementation independent of statsmodels)
+    ref = stats.binomtest(469, 500).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson(469 / 500, 500) == pytest.approx((ref.low, ref.high), abs=1e-12)
+    # hand-checked: 8 of 10, z = 1.959964: centre (8 + z²/2) / (10 + z²) = 0.71636, half-width
+    # z·sqrt(10·0.8·0.2 + z²/4) / (10 + z²) = 0.22728 -> 0.4902 to 0.9433
+    low, high = wilson(0.8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    # a pooled accuracy over seeds is a fractional count; statsmodels takes it as is
+    from statsmodels.stats.proportion import proportion_confint
+    assert wilson(0.9383, 500) == pytest.approx(proportion_confint(0.9383 * 500, 500, method="wilson"), abs=1e-12)
+
+
+def test_mcnemar_against_a_hand_checked_value():
+    # b = 1, c = 9 discordant: two-sided exact p = 2 · P(X ≤ 1 | X ~ Bin(10, 1/2)) = 2 · (1 + 10) / 1024
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024, abs=1e-15) == pytest.approx(0.021484375)
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+    assert mcnemar_exact(0, 0) == 1.0
+    # from per-example answers: 20 examples, both right on 8, both wrong on 2, A only on 1, B only on 9
+    a = np.array([1] * 8 + [0] * 2 + [1] + [0] * 9, dtype=bool)
+    b = np.array([1] * 8 + [0] * 2 + [0] + [1] * 9, dtype=bool)
+    test = mcnemar_test(a, b, "0")
+    assert (test.a_only, test.b_only, test.examples) == (1, 9, 20)
+    assert test.diff == pytest.approx((9 - 17) / 20) and test.p_value == pytest.approx(0.021484375)
+    assert test.within_noise is False  # p < 0.05
+    assert mcnemar_test(a, a, "0").within_noise is True
+
+
+def _answers(rng, n, p):
+    return rng.random(n) < p
+
+
+def test_paired_bootstrap_agrees_with_scipy_for_one_seed():
+    """With one seed the two-level bootstrap is scipy's paired bootstrap over examples: the 95 % percentile
+    endpoints agree within Monte-Carlo error (the 2.5 % quantile of B resamples has a standard error of about
+    0.06 · σ for B = 2,000, σ the bootstrap distribution's deviation; scipy runs 20,000 resamples)."""
+    rng = np.random.default_rng(1)
+    a, b = _answers(rng, 400, 0.85), _answers(rng, 400, 0.80)
+    ours = paired_bootstrap(a[None, :], b[None, :], ("0",))
+    sigma = bootstrap_distribution(a[None, :], b[None, :]).std()
+    ref = stats.bootstrap((a.astype(float), b.astype(float)), lambda x, y, axis: x.mean(axis) - y.mean(axis),
+                          paired=True, vectorized=True, n_resamples=20_000, method="percentile", confidence_level=0.95,
+                          rng=np.random.default_rng(7)).confidence_interval
+    assert ours.test == "bootstrap" and ours.examples == 400 and ours.seeds == ("0",)
+    assert ours.diff == pytest.approx(a.mean() - b.mean())
+    assert abs(ours.low - ref.low) < 0.25 * sigma and abs(ours.high - ref.high) < 0.25 * sigma, (ours, ref)
+    # deterministic: the same answers give the same interval, bit for bit, also after other comparisons
+    paired_bootstrap(np.ones((3, 50), bool), np.zeros((3, 50), bool), ("0", "1", "2"))
+    again = paired_bootstrap(a[None, :], b[None, :], ("0",))
+    assert (again.low, again.high) == (ours.low, ours.high)
+    assert len(bootstrap_distribution(np.zeros((2, 5), bool), np.ones((2, 5), bool))) == N_RESAMPLES
+
+
+def test_paired_bootstrap_over_seeds_and_examples():
+    """Identical seeds: resampling seeds changes nothing, so the interval is the one-seed one (within Monte-Carlo
+    error). Seeds that disagree widen it: the seed level is really resampled."""
+    rng = np.random.default_rng(2)
+    a, b = _answers(rng, 300, 0.85), _answers(rng, 300, 0.80)
+    one = paired_bootstrap(a[None, :], b[None, :], ("0",))
+    three = paired_bootstrap(np.stack([a, a, a]), np.stack([b, b, b]), ("0", "1", "2"))
+    sigma = bootstrap_distribution(a[None, :], b[None, :]).std()
+    assert abs(three.low - one.low) < 0.3 * sigma and abs(three.high - one.high) < 0.3 * sigma
+    assert three.diff == pytest.approx(one.diff)
+    # seed 1: A right on the first 60 questions, seed 2: A wrong on them; B unchanged
+    first = np.arange(300) < 60
+    wide = paired_bootstrap(np.stack([a, a | first, a & ~first]), np.stack([b, b, b]), ("0", "1", "2"))
+    assert wide.high - wide.low > 1.5 * (three.high - three.low)
+    assert wide.within_noise is (wide.low <= 0 <= wide.high)
+    # the definition spelled out as a loop (its own generator): the same interval within Monte-Carlo error
+    a3, b3 = np.stack([a, a | first, a & ~first]), np.stack([b, b, b])
+    loop_rng, loop = np.random.default_rng(11), []
+    for _ in range(N_RESAMPLES):
+        s, e = loop_rng.integers(0, 3, 3), loop_rng.integers(0, 300, 300)
+        loop.append(a3[s][:, e].mean() - b3[s][:, e].mean())
+    sigma = bootstrap_distribution(a3, b3).std()
+    low, high = np.percentile(loop, [2.5, 97.5])
+    assert abs(wide.low - low) < 0.3 * sigma and abs(wide.high - high) < 0.3 * sigma, (wide, low, high)
+
+
+def test_cost_noise_definition():
+    assert cost_spread([1030.0, 1041.0, 1052.0]) == 22.0
+    assert cost_spread([1000.0]) == pytest.approx(50.0)                   # one seed: the 5 % resolution
+    assert not costs_apart([1030.0, 1041.0, 1052.0], [1042.0, 1053.0, 1064.0])  # 12 apart, spread 22
+    assert costs_apart([1030.0, 1041.0, 1052.0], [1300.0, 1310.0, 1320.0])
+    assert not costs_apart([1041.0], [1053.0])                             # 1.2 % < 5 % of one seed
+    assert costs_apart([900.0], [1053.0])
 
 
 def test_pareto_frontier_on_a_constructed_case():
@@ -151,58 +246,232 @@ def test_pareto_frontier_on_a_constructed_case():
     assert pareto_front(points) == [True, True, False, False, True, True, True]
 
 
-def _log(client, exp, method, seed, acc, mem, ckpt, secs, task="trec", status="FINISHED", extra=None):
-    tags = {"method": method, "model": "minilm", "task": task, "quant": "none", "seed": str(seed)}
+def test_where_predictions_are_looked_for(tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    art = "predictions/test.parquet"
+    assert local_candidates((tmp_path / "a").as_uri(), store) == [tmp_path / "a" / art]
+    assert local_candidates(str(tmp_path / "a"), store) == [tmp_path / "a" / art]
+    assert local_candidates("./mlruns/1/x/artifacts", store) == [tmp_path / "mlruns/1/x/artifacts" / art,
+                                                                  Path.cwd() / "mlruns/1/x/artifacts" / art]
+    # served by `mlflow server` into its default --artifacts-destination ./mlartifacts
+    assert local_candidates("mlflow-artifacts:/1/x/artifacts", store)[0] == tmp_path / "mlartifacts/1/x/artifacts" / art
+    assert local_candidates("mlflow-artifacts:/1/x/artifacts", "http://127.0.0.1:5000") is None  # downloaded
+    assert local_candidates("s3://bucket/1/x/artifacts", store) is None
+    # a missing local file is one file test, not a download
+    missing = report_data.RunRecord("r", "n", "FINISHED", 0, None, "e", {}, {}, {},
+                                    artifact_uri=(tmp_path / "none").as_uri())
+    reader = Reader(store)
+    assert reader(missing) is None and reader.remote_error is None
+
+
+# --- constructed cases: the report -----------------------------------------------------------------------------
+MiB = 2**20
+
+
+def _predictions(correct) -> pd.DataFrame:
+    """One row per test example: labels cycle over 3 classes; a wrong answer predicts the next class."""
+    correct = np.asarray(correct, dtype=bool)
+    label = np.arange(len(correct)) % 3
+    return pd.DataFrame({"index": np.arange(len(correct)), "label": label,
+                         "prediction": np.where(correct, label, (label + 1) % 3)})
+
+
+def _log(client, exp, method, seed, acc, mem, ckpt, secs, task="trec", status="FINISHED", extra=None, correct=None,
+         peak=None, old_protocol=False, tmp=None, device="cpu"):
+    """One run as the harness logs it; `mem` is the train growth (CPU). With `correct`, its accuracy comes from
+    those answers and they are logged as the predictions artifact."""
+    tags = {"method": method, "model": "minilm", "task": task, "quant": "none", "seed": str(seed), "device": device}
     rid = client.create_run(exp, run_name=f"{method}-{task}-minilm-s{seed}", tags=tags).info.run_id
-    metrics = {"eval/accuracy": acc, "mem/peak_train_bytes": mem, "ckpt/bytes": ckpt, "time/train_s": secs,
-               "params/trainable_pct": 1.0, "throughput/train_tokens_per_s": 1000.0}
+    if correct is not None:
+        acc = float(np.mean(correct))
+    metrics = {"eval/accuracy" if old_protocol else M.TEST_ACCURACY: acc, M.MEM_TRAIN_GROWTH: mem,
+               M.MEM_PEAK_TRAIN: peak or mem + 1000 * MiB, M.CKPT_BYTES: ckpt, M.TIME_TRAIN: secs,
+               M.PARAMS_TRAINABLE_PCT: 1.0, M.THROUGHPUT_TOKENS: 1000.0}
     params = {"seed": str(seed), "method.name": method, "train.lr": "0.001", **(extra or {})}
     ts = int(time.time() * 1000)
     client.log_batch(rid, metrics=[Metric(k, v, ts, 1) for k, v in metrics.items()] if status == "FINISHED" else [],
                      params=[Param(k, v) for k, v in params.items()])
+    if correct is not None:
+        path = tmp / rid / "test.parquet"
+        path.parent.mkdir(parents=True)
+        _predictions(correct).to_parquet(path)
+        client.log_artifact(rid, str(path), artifact_path=M.PREDICTIONS_ARTIFACT.rsplit("/", 1)[0])
     client.set_terminated(rid, status)
     return rid
 
 
-def test_constructed_report_says_what_is_noise_and_splits_settings(tmp_path):
+def _store(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment(EXPERIMENT)
-    MiB = 2**20
+    # artifacts in tmp_path, as a file: URI (the default, ./mlruns, would be the working directory)
+    return uri, client, client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
+
+
+def _section(md: str, title: str) -> str:
+    start = md.index(f"## {title}\n")
+    end = md.find("\n## ", start + 1)
+    return md[start:end if end >= 0 else len(md)]
+
+
+def test_constructed_report_tables_and_settings_without_predictions(tmp_path):
+    """No predictions artifacts: tables, settings split into rows, Pareto frontiers, and no accuracy claim."""
+    uri, client, exp = _store(tmp_path)
     for seed, acc in enumerate([0.80, 0.84, 0.85]):          # lora: 83.0 ± 6.6, cheap
         _log(client, exp, "lora", seed, acc, 500 * MiB, 1e5, 10.0)
-    for seed, acc in enumerate([0.81, 0.85, 0.86]):          # adapter: 84.0 ± 6.6, within noise of lora, costlier
+    for seed, acc in enumerate([0.81, 0.85, 0.86]):          # adapter: 84.0 ± 6.6, costlier
         _log(client, exp, "adapter", seed, acc, 600 * MiB, 1e6, 12.0)
     for seed, acc in enumerate([0.95, 0.951, 0.952]):        # full: clearly best, most memory
         _log(client, exp, "full", seed, acc, 900 * MiB, 9e7, 20.0)
-    _log(client, exp, "ia3", 0, 0.60, 400 * MiB, 5e4, 8.0)  # one seed: noise unknown
+    _log(client, exp, "ia3", 0, 0.60, 400 * MiB, 5e4, 8.0)  # one seed
     _log(client, exp, "lora", 0, 0.1, 500 * MiB, 1e5, 10.0, extra={"method.r": "64"})  # another setting: own row
     _log(client, exp, "lora", 1, 0, 0, 0, 0, status="FAILED")
+    _log(client, exp, "prefix", 0, 0.7, 450 * MiB, 1e5, 9.0, old_protocol=True)  # eval/accuracy only
     out = tmp_path / "r.md"
     build_report(uri, [EXPERIMENT], out)
     md = out.read_text()
 
     lora, adapter, full, ia3 = _row(md, "lora"), _row(md, "adapter"), _row(md, "full"), _row(md, "ia3")
     assert lora[2] == "83.0 ± 6.6 %" and lora[1] == "n=3 (0, 1, 2)"
+    assert lora[3] == "-"                                       # no predictions: no test-sampling interval
     assert ia3[2] == "60.0 %" and ia3[1] == "n=1 (0)"           # n=1: no interval
     assert _row(md, "lora (r=64)")[1] == "n=1 (0)"              # different settings are not averaged together
-    assert full[3] == "reference" and lora[3] == "-12.1 pt"     # 83.0 - 95.1
-    assert lora[5] == "500 MiB (×0.56)" and adapter[5] == "600 MiB (×0.67)"
-    # Pareto: adapter is beaten by full in accuracy but cheaper; lora is cheaper than adapter but less accurate
-    assert full[9] == "memory, checkpoint, train time" and ia3[9] == "memory, checkpoint, train time"
-    assert adapter[9] == "memory, checkpoint, train time" and lora[9] == "memory, checkpoint, train time"
-    assert _row(md, "lora (r=64)")[9] == "-"
-    # budget table: every memory-frontier figure is a budget
-    assert "| ≤ 400 MiB | ia3 | 60.0 %, n=1 | none |" in md
-    assert "| ≤ 600 MiB | adapter | 84.0 ± 6.6 %, n=3 | lora; unknown (n=1): ia3, lora (r=64) |" in md
-    # the recommendation at 600 MiB falls back to lora: adapter's gain is inside the seeds' noise
-    assert "- **≤ 600 MiB**: use **lora** (83.0 ± 6.6 %, n=3, 500 MiB): adapter's +1.0 pt at this budget is within " \
-           "seed noise" in md
-    assert ("- **≤ 900 MiB**: use **full** (95.1 ± 0.2 %, n=3); ahead of adapter, lora beyond seed noise (95 % "
-            "intervals apart); seed noise unknown (n=1) against ia3 (-35.1 pt), lora (r=64) (-85.1 pt)") in md
-    assert "**Fastest within 1 point of the best accuracy** (full, 95.1 ± 0.2 %): **full**" in md
+    assert full[4] == "reference" and lora[4] == "-12.1 pt"     # 83.0 - 95.1
+    assert lora[6] == "500 MiB (×0.56)" and adapter[6] == "600 MiB (×0.67)"   # train growth against full's
+    assert lora[7] == "1,500 MiB (×0.79)"                                      # peak train (process)
+    assert full[11] == "memory, checkpoint, train time" and ia3[11] == "memory, checkpoint, train time"
+    assert adapter[11] == "memory, checkpoint, train time" and lora[11] == "memory, checkpoint, train time"
+    assert _row(md, "lora (r=64)")[11] == "-"
+    assert "| test accuracy (seeds, 95 % CI) | test sampling (Wilson 95 %) |" in md
+    assert "| train growth | peak train (process) |" in md
+    # without predictions no accuracy claim: "paired test unavailable", never "within noise" or "beyond noise"
+    assert "| ≤ 600 MiB | adapter | 84.0 ± 6.6 %, n=3 | - | paired test unavailable: lora, ia3, lora (r=64) | " \
+           "none |" in md
+    assert "- **≤ 600 MiB**: use **adapter** (84.0 ± 6.6 %, n=3); paired test unavailable against lora (-1.0 pt: " \
+           "no predictions for adapter (seeds 0, 1, 2), lora (seeds 0, 1, 2)), ia3" in md
+    selection = _section(md, "trec · minilm · none")
+    assert "within noise (" not in selection and "beyond noise" not in selection
+    assert "**Fastest within 1 point of the best test accuracy** (full, 95.1 ± 0.2 %): **full**" in md
     failed = next(line for line in md.splitlines() if line.startswith("| lora-trec-minilm-s1 |"))
     assert "FAILED" in failed
+    assert "- Old protocol, no `test/accuracy` (left out of the tables): prefix-trec-minilm-s0." in md
+    assert "read for 0 of the 11 runs in the tables; missing for " in md
+
+
+def test_paired_verdicts_from_prediction_artifacts(tmp_path):
+    """Real parquet artifacts in a real store: McNemar with one seed, the two-level bootstrap with three, the
+    Wilson interval on distinct examples, and "unavailable" for a run without predictions."""
+    uri, client, exp = _store(tmp_path)
+    arts = tmp_path / "to-log"
+    # trec, one seed each, 200 questions: both right on 170, both wrong on 20, lora only on 1, adapter only on 9
+    both, none = [1] * 170, [0] * 20
+    _log(client, exp, "lora", 0, None, 500 * MiB, 1e5, 10.0, correct=both + none + [1] + [0] * 9, tmp=arts)
+    _log(client, exp, "adapter", 0, None, 600 * MiB, 1e6, 12.0, correct=both + none + [0] + [1] * 9, tmp=arts)
+    _log(client, exp, "ia3", 0, 0.5, 400 * MiB, 5e4, 8.0)    # no predictions artifact
+    # sst, three seeds, 200 questions: lora misses one question adapter gets, per seed; gets one more on seed 0
+    rng = np.random.default_rng(0)
+    base = rng.random(200) < 0.9
+    base[10:13], base[195] = True, False
+    for seed in range(3):
+        lora = base.copy()
+        lora[10 + seed] = False
+        if seed == 0:
+            lora[195] = True
+        _log(client, exp, "adapter", seed, None, 600 * MiB, 1e6, 12.0, task="sst", correct=base, tmp=arts)
+        _log(client, exp, "lora", seed, None, 500 * MiB, 1e5, 10.0, task="sst", correct=lora, tmp=arts)
+    out = tmp_path / "r.md"
+    build_report(uri, [EXPERIMENT], out)
+    md = out.read_text()
+    build_report(uri, [EXPERIMENT], tmp_path / "again.md")
+    assert (tmp_path / "again.md").read_text().replace("again/", "r/") == md   # byte-identical
+
+    trec = _section(md, "trec · minilm · none")
+    # adapter (89.5 %) against lora (85.5 %): 9 vs 1 discordant, exact p = 2 · 11/1024 = 0.0215: beyond noise
+    assert "- **≤ 600 MiB**: use **adapter** (89.5 %, n=1); ahead of lora beyond noise (McNemar p = 0.0215, 9 vs 1 " \
+           "discordant of 200 examples, seed 0); paired test unavailable against ia3 (-39.5 pt: no predictions for " \
+           "ia3 (seed 0)), so no claim either way." in trec
+    lo, hi = wilson(0.895, 200)
+    assert _row(trec, "adapter")[3] == f"{100 * lo:.1f}–{100 * hi:.1f} % (n=200)"
+    assert _row(trec, "ia3")[3] == "-"
+
+    sst = _section(md, "sst · minilm · none")
+    # pooled over three seeds the Wilson n stays 200: the same questions, not 600 independent ones
+    lo, hi = wilson(base.mean(), 200)
+    assert _row(sst, "adapter")[3] == f"{100 * lo:.1f}–{100 * hi:.1f} % (n=200)"
+    loras = []
+    for seed in range(3):
+        lora = base.copy()
+        lora[10 + seed] = False
+        lora[195] = seed == 0
+        loras.append(lora)
+    expected = paired_bootstrap(np.stack([base] * 3), np.stack(loras), ("0", "1", "2"))
+    assert expected.low < 0 < expected.high
+    detail = (f"paired bootstrap {100 * expected.diff:+.1f} pt, 95 % CI {100 * expected.low:+.1f} pt to "
+              f"{100 * expected.high:+.1f} pt, seeds 0, 1, 2 × 200 examples")
+    # adapter's gain over lora is within noise: the cheaper lora is recommended at adapter's budget
+    assert f"adapter's +0.3 pt at this budget is within noise ({detail}), so the extra memory buys nothing " \
+           "measurable." in sst
+    assert "- **≤ 600 MiB**: use **lora**" in sst
+    assert "- Test predictions (`predictions/test.parquet`, for the test-sampling intervals and the paired tests): " \
+           "read for 8 of the 9 runs in the tables; missing for ia3-trec-minilm-s0" in md
+
+
+def test_no_budget_claim_within_measurement_noise(tmp_path):
+    """reports/trec-minilm.md once said "adapter: the only method whose measured peak memory fits this budget" on
+    a 1.2 % gap (1,041 against 1,053 MiB) that three seeds' spread (22 MiB) cannot resolve. Same for one seed
+    (5 % resolution) and for train time; a gap beyond the spread still gets its claim."""
+    uri, client, exp = _store(tmp_path)
+    for seed in range(3):
+        # trec: adapter 1,030-1,052 MiB; lora 1,042-1,064 MiB (+1.2 % on the mean); times within spread too
+        _log(client, exp, "adapter", seed, [0.93, 0.94, 0.95][seed], [1030, 1041, 1052][seed] * MiB, 9e5,
+             [150.0, 160.0, 200.0][seed])
+        _log(client, exp, "lora", seed, [0.935, 0.935, 0.94][seed], [1042, 1053, 1064][seed] * MiB, 3e5,
+             [170.0, 180.0, 190.0][seed])
+        # sst: the same but lora's memory is beyond the spread (+26 %)
+        _log(client, exp, "adapter", seed, [0.93, 0.94, 0.95][seed], [1030, 1041, 1052][seed] * MiB, 9e5,
+             [150.0, 160.0, 170.0][seed], task="sst")
+        _log(client, exp, "lora", seed, [0.935, 0.935, 0.94][seed], [1300, 1310, 1320][seed] * MiB, 3e5,
+             [250.0, 260.0, 270.0][seed], task="sst")
+    # one seed each: a 1.2 % gap is below the 5 % resolution
+    _log(client, exp, "adapter", 0, 0.94, 1041 * MiB, 9e5, 160.0, task="one")
+    _log(client, exp, "lora", 0, 0.93, 1053 * MiB, 3e5, 250.0, task="one")
+    out = tmp_path / "r.md"
+    build_report(uri, [EXPERIMENT], out)
+    md = out.read_text()
+
+    for title in ("trec · minilm · none", "one · minilm · none"):
+        section = _section(md, title)
+        assert "the only method" not in section, section
+        assert "lora's train growth (1,053 MiB, spread " in section
+        assert "exceeds this budget by less than the measurement noise: whether it fits is not resolved" in section
+        budget_line = next(line for line in section.splitlines() if line.startswith("| ≤ 1,041 MiB | adapter |"))
+        assert budget_line.endswith("| lora |")  # fit not resolved: lora
+    assert "spread 22 MiB)" in _section(md, "trec · minilm · none")
+    assert "spread 53 MiB (5 %, one seed))" in _section(md, "one · minilm · none")
+    trec = _section(md, "trec · minilm · none")
+    # train time 150-200 s against 170-190 s: no "fastest"
+    assert "- **Fastest within 1 point of the best test accuracy** (adapter, 94.0 ± 2.5 %): no single one: " \
+           "**adapter** (170.0 s, spread 50.0 s; 94.0 ± 2.5 %, n=3; the best itself) and lora (180.0 s, spread " \
+           "20.0 s) are within measurement noise of each other." in trec
+    sst = _section(md, "sst · minilm · none")
+    assert "the only method whose measured train growth fits this budget: every other row needs more, beyond " \
+           "measurement noise." in sst
+    assert "**Fastest within 1 point of the best test accuracy** (adapter, 94.0 ± 2.5 %): **adapter**, 160.0 s" in sst
+    assert "Next: lora (260.0 s), beyond measurement noise" in sst
+
+
+def test_cuda_groups_separate_methods_by_peak_allocated(tmp_path):
+    """On CUDA `mem/peak_train_bytes` is peak allocated: the one memory column, the budgets and the frontier."""
+    uri, client, exp = _store(tmp_path)
+    # train growth would rank them the other way round: the report must not read it on CUDA
+    _log(client, exp, "lora", 0, 0.90, 900 * MiB, 1e5, 10.0, peak=2000 * MiB, device="cuda")
+    _log(client, exp, "full", 0, 0.95, 100 * MiB, 9e7, 20.0, peak=6000 * MiB, device="cuda")
+    out = tmp_path / "r.md"
+    build_report(uri, [EXPERIMENT], out)
+    md = out.read_text()
+    assert "| peak train (allocated) | train time |" in md and "train growth |" not in md
+    assert _row(md, "lora")[6] == "2,000 MiB (×0.33)"
+    assert "| ≤ 2,000 MiB | lora |" in md and "| ≤ 6,000 MiB | full |" in md
+    assert "memory figure that separates the methods: `mem/peak_train_bytes` (peak allocated)" in md
 
 
 def test_empty_or_unknown_experiment_is_one_line_and_nonzero(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """`python -m bench.report`: which PEFT method to use, answered from the runs in MLflow.
 
-    MLflow runs -> data.py (groups task × model × quant, one row per method, mean ± 95 % CI over seeds,
-    Pareto frontiers) -> plots.py (PNGs) + sweeps.py (per study) -> markdown.py (the report)
+    MLflow runs -> data.py (groups task × model × quant, one row per method, Pareto frontiers)
+                   + predictions.py (each table run's predictions/test.parquet; paired tests of two rows)
+                   + stats.py (the definitions: seed and test-sampling intervals, paired tests, cost noise)
+    -> plots.py (PNGs) + sweeps.py (per study) -> markdown.py (the report)
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out: {out} must end in .md", file=sys.stderr)
         return 2
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # an unreachable server: fail in seconds
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # predictions downloads: no bars
     try:
         path, pngs = build_report(a.tracking_uri, experiments, out)
     except BenchError as e:

@@ -1,9 +1,15 @@
 """Runs out of MLflow, into the report's groups (task × model × quant) and rows (one per method).
 
-Runs enter the tables only when FINISHED; sweep runs (tag `study`) go to the sweeps section; FAILED, KILLED and
-unfinished runs go to provenance. Within one method, runs whose settings differ (say `method.r=8` and
+Runs enter the tables only when FINISHED with a `test/accuracy`; FINISHED runs without one (the old protocol,
+`eval/*` metrics) are only counted in provenance; sweep runs (tag `study`) go to the sweeps section; FAILED,
+KILLED and unfinished runs go to provenance. Within one method, runs whose settings differ (say `method.r=8` and
 `method.r=16`) become separate rows labelled with what differs; of several FINISHED runs with the same settings
-and seed (a rerun) the latest counts.
+and seed (a rerun) the latest counts. The runs in the tables have their test predictions read
+(bench/report/predictions.py) for the test-sampling interval and the paired tests.
+
+Memory: each group has one method-separating memory figure (`Group.memory_metric`): on CUDA
+`mem/peak_train_bytes` (peak allocated), else (CPU) `mem/train_growth_bytes`, since the CPU peak is the whole
+process's RSS, dominated by what every method shares. Budgets, the memory Pareto frontier and the selection use it.
 """
 from __future__ import annotations
 
@@ -11,17 +17,19 @@ import math
 import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlparse
 
+from bench import metrics as M
 from bench.errors import BenchError
-from bench.report.stats import Estimate, mean_ci, pareto_front
+from bench.report import predictions
+from bench.report.stats import Estimate, PairedTest, mean_ci, pareto_front, wilson
 
-ACCURACY = "eval/accuracy"
-# cost axes of the Pareto frontiers and plots: (metric, short name used in the report)
-COSTS = (("mem/peak_train_bytes", "memory"), ("ckpt/bytes", "checkpoint"), ("time/train_s", "train time"))
-MEANS = ("mem/peak_train_bytes", "ckpt/bytes", "time/train_s", "params/trainable_pct",
-         "throughput/train_tokens_per_s")
+ACCURACY = M.TEST_ACCURACY
+# figures averaged over seeds per row (the memory figures: see the module doc)
+MEANS = (M.MEM_TRAIN_GROWTH, M.MEM_PEAK_TRAIN, M.CKPT_BYTES, M.TIME_TRAIN, M.PARAMS_TRAINABLE_PCT,
+         M.THROUGHPUT_TOKENS)
 # settings that do not change what a run measures (where it logs, how often it evaluates, how it is launched)
 IGNORED_PARAMS = {"seed", "rerun", "device", "train.isolate", "train.threads", "train.log_every", "train.eval_every",
                   "train.eval_batch_size", "method.lr"}  # method.lr: only a default; train.lr is what trains
@@ -39,6 +47,11 @@ class RunRecord:
     tags: dict[str, str]
     params: dict[str, str]
     metrics: dict[str, float]
+    artifact_uri: str = ""
+
+    @property
+    def seed(self) -> str:
+        return self.tags.get("seed", self.params.get("seed", "?"))
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -49,15 +62,32 @@ class RunRecord:
 class Row:
     label: str                   # the method, plus what differs when one method has several settings
     method: str
-    runs: list[RunRecord]
-    accuracy: Estimate
-    means: dict[str, float | None]
-    train_time: Estimate | None  # time/train_s over seeds: run-to-run variation matters for "fastest" too
+    runs: list[RunRecord]        # one per seed, in seed order
+    accuracy: Estimate           # test/accuracy over seeds (the seed interval)
+    values: dict[str, list[float]]           # MEANS figures, one value per seed that reported it
+    answers: dict[str, predictions.Answers] = field(default_factory=dict)  # seed -> its test answers
     pareto: list[str] = field(default_factory=list)   # short names of the cost axes it is on the frontier of
 
     @property
     def seeds(self) -> list[str]:
-        return [r.tags.get("seed", "?") for r in self.runs]
+        return [r.seed for r in self.runs]
+
+    @cached_property
+    def means(self) -> dict[str, float | None]:
+        return {m: (math.fsum(v) / len(v) if v else None) for m, v in self.values.items()}
+
+    @property
+    def without_predictions(self) -> list[str]:
+        return [s for s in self.seeds if s not in self.answers]
+
+    @cached_property
+    def test_sampling(self) -> tuple[float, float, int] | None:
+        """Wilson interval of the pooled accuracy and n distinct test examples; None unless every run of the row
+        has its predictions."""
+        if not self.answers or self.without_predictions:
+            return None
+        accuracy, n = predictions.pooled([self.answers[s] for s in self.seeds])
+        return (*wilson(accuracy, n), n)
 
 
 @dataclass
@@ -67,6 +97,33 @@ class Group:
     quant: str
     rows: list[Row]
     reference: Row | None        # full fine-tuning, when present
+    _paired: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def cuda(self) -> bool:
+        return all(r.tags.get("device") == "cuda" for row in self.rows for r in row.runs)
+
+    @property
+    def memory_metric(self) -> str:
+        """The method-separating memory figure (module doc)."""
+        return M.MEM_PEAK_TRAIN if self.cuda else M.MEM_TRAIN_GROWTH
+
+    @property
+    def costs(self) -> tuple[tuple[str, str], ...]:
+        """Cost axes of the Pareto frontiers and plots: (metric, short name used in the report)."""
+        return (self.memory_metric, "memory"), (M.CKPT_BYTES, "checkpoint"), (M.TIME_TRAIN, "train time")
+
+    def paired(self, a: Row, b: Row) -> PairedTest | str:
+        """A's test accuracy minus B's, paired on the same examples (and seeds); a string says why unavailable."""
+        key = (a.label, b.label)
+        if key not in self._paired:
+            missing = [f"{row.label} (seed{'s' if len(row.without_predictions) > 1 else ''} "
+                       f"{', '.join(row.without_predictions)})" for row in (a, b) if row.without_predictions]
+            found = predictions.paired(a.answers, b.answers, _seed_order)
+            if isinstance(found, str) and missing:
+                found = f"no predictions for {', '.join(missing)}"
+            self._paired[key] = found
+        return self._paired[key]
 
     @property
     def title(self) -> str:
@@ -85,6 +142,8 @@ class Data:
     groups: list[Group]
     sweep_runs: list[RunRecord]
     superseded: list[RunRecord]            # FINISHED runs replaced by a later run with the same settings and seed
+    old_protocol: list[RunRecord] = field(default_factory=list)   # FINISHED, no test/accuracy: not in the tables
+    remote_error: str | None = None        # why predictions could not be downloaded, when that failed
 
     @property
     def not_finished(self) -> list[RunRecord]:
@@ -160,7 +219,8 @@ def _read_mlflow(uri: str, experiments: list[str]) -> list[RunRecord]:
         runs += [RunRecord(run_id=r.info.run_id, name=r.info.run_name or r.info.run_id, status=r.info.status,
                            start_time=r.info.start_time or 0, end_time=r.info.end_time,
                            experiment=names[r.info.experiment_id], tags=dict(r.data.tags),
-                           params=dict(r.data.params), metrics=dict(r.data.metrics)) for r in page]
+                           params=dict(r.data.params), metrics=dict(r.data.metrics),
+                           artifact_uri=r.info.artifact_uri or "") for r in page]
         token = page.token
         if not token:
             break
@@ -192,13 +252,15 @@ def _read_sqlite(store: Path, uri: str, experiments: list[str]) -> list[RunRecor
         for rid, key, value, is_nan in db.execute(
                 f"SELECT run_uuid, key, value, is_nan FROM latest_metrics WHERE run_uuid IN ({base})", args):
             metrics[rid][key] = float("nan") if is_nan else float(value)
-        rows = db.execute("SELECT run_uuid, name, status, start_time, end_time, experiment_id FROM runs "
-                          f"WHERE experiment_id IN ({marks}) AND lifecycle_stage = 'active'", args).fetchall()
+        rows = db.execute("SELECT run_uuid, name, status, start_time, end_time, experiment_id, artifact_uri "
+                          f"FROM runs WHERE experiment_id IN ({marks}) AND lifecycle_stage = 'active'",
+                          args).fetchall()
     finally:
         db.close()
     return [RunRecord(run_id=rid, name=name or tags[rid].get("mlflow.runName") or rid, status=status,
                       start_time=start or 0, end_time=end, experiment=names[exp], tags=tags[rid],
-                      params=params[rid], metrics=metrics[rid]) for rid, name, status, start, end, exp in rows]
+                      params=params[rid], metrics=metrics[rid], artifact_uri=uri_ or "")
+            for rid, name, status, start, end, exp, uri_ in rows]
 
 
 def run_settings(run: RunRecord) -> dict[str, str]:
@@ -243,7 +305,7 @@ def _seed_order(seed: str) -> tuple:
 def _latest_per_seed(runs: list[RunRecord]) -> tuple[list[RunRecord], list[RunRecord]]:
     by_seed: dict[str, list[RunRecord]] = defaultdict(list)
     for r in runs:
-        by_seed[r.tags.get("seed", r.params.get("seed", "?"))].append(r)
+        by_seed[r.seed].append(r)
     kept, dropped = [], []
     for seed in sorted(by_seed, key=_seed_order):
         rs = sorted(by_seed[seed], key=lambda r: (r.start_time, r.run_id))
@@ -252,20 +314,23 @@ def _latest_per_seed(runs: list[RunRecord]) -> tuple[list[RunRecord], list[RunRe
     return kept, dropped
 
 
-def _row(label: str, method: str, runs: list[RunRecord]) -> Row:
-    means = {}
-    for m in MEANS:
-        vals = [r.metrics[m] for r in runs if m in r.metrics]
-        means[m] = sum(vals) / len(vals) if vals else None
-    times = [r.metrics["time/train_s"] for r in runs if "time/train_s" in r.metrics]
+def _row(label: str, method: str, runs: list[RunRecord], read) -> Row:
+    values = {m: [r.metrics[m] for r in runs if math.isfinite(r.metrics.get(m, math.nan))] for m in MEANS}
+    answers = {r.seed: found for r in runs if (found := read(r)) is not None}
     return Row(label=label, method=method, runs=runs, accuracy=mean_ci([r.metrics[ACCURACY] for r in runs]),
-               means=means, train_time=mean_ci(times) if times else None)
+               values=values, answers=answers)
 
 
-def build(uri: str, experiments: list[str], runs: list[RunRecord]) -> Data:
+def _no_predictions(run: RunRecord) -> None:
+    return None
+
+
+def build(uri: str, experiments: list[str], runs: list[RunRecord], read=_no_predictions) -> Data:
+    """`read`: run -> its predictions.Answers or None (predictions.Reader; by default none are read)."""
     sweep_runs = [r for r in runs if "study" in r.tags]
-    table_runs = [r for r in runs if "study" not in r.tags and r.status == "FINISHED"
-                  and math.isfinite(r.metrics.get(ACCURACY, math.nan))]
+    finished = [r for r in runs if "study" not in r.tags and r.status == "FINISHED"]
+    table_runs = [r for r in finished if math.isfinite(r.metrics.get(ACCURACY, math.nan))]
+    old_protocol = [r for r in finished if not math.isfinite(r.metrics.get(ACCURACY, math.nan))]
     by_key: dict[tuple[str, str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in table_runs:
         by_key[r.key][r.tags.get("method", "?")].append(r)
@@ -276,20 +341,24 @@ def build(uri: str, experiments: list[str], runs: list[RunRecord]) -> Data:
             for label, vruns in _variants(method, by_key[(task, model, quant)][method]).items():
                 kept, dropped = _latest_per_seed(vruns)
                 superseded += dropped
-                rows.append(_row(label, method, kept))
+                rows.append(_row(label, method, kept, read))
         fulls = sorted((r for r in rows if r.method == "full"), key=lambda r: (-r.accuracy.n, r.label))
         reference = fulls[0] if fulls else None
-        for metric, short in COSTS:
+        group = Group(task, model, quant, rows, reference)
+        for metric, short in group.costs:
             ranked = [r for r in rows if r.means[metric] is not None]
             for row, on in zip(ranked, pareto_front([(r.accuracy.mean, r.means[metric]) for r in ranked])):
                 if on:
                     row.pareto.append(short)
         rows.sort(key=lambda r: (r is not reference, -r.accuracy.mean, r.label))
-        groups.append(Group(task, model, quant, rows, reference))
+        groups.append(group)
     superseded.sort(key=lambda r: (r.start_time, r.name, r.run_id))
     return Data(uri=uri, experiments=list(experiments), runs=runs, groups=groups, sweep_runs=sweep_runs,
-                superseded=superseded)
+                superseded=superseded, old_protocol=old_protocol)
 
 
 def load(uri: str, experiments: list[str]) -> Data:
-    return build(uri, experiments, read_runs(uri, experiments))
+    reader = predictions.Reader(uri)
+    data = build(uri, experiments, read_runs(uri, experiments), reader)
+    data.remote_error = reader.remote_error
+    return data

@@ -1,4 +1,4 @@
-"""The report's PNGs: accuracy against each cost with the Pareto frontier, and a sweep's rank × alpha map.
+"""The report's PNGs: test accuracy against each cost with the Pareto frontier, and a sweep's rank × alpha map.
 
 Byte-stable: the Agg backend, fixed sizes and DPI, points in the report's own order, and no `Software` entry in
 the PNG metadata (matplotlib writes its version there; the rest of its PNG output is deterministic).
@@ -13,11 +13,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from bench.report.data import ACCURACY, COSTS, Group  # noqa: E402
+from bench import metrics as M  # noqa: E402
+from bench.report.data import ACCURACY, Group  # noqa: E402
 
-AXES = {"mem/peak_train_bytes": ("peak train memory (MiB)", 1 / 2**20, False),
-        "ckpt/bytes": ("checkpoint size (bytes, log scale)", 1.0, True),
-        "time/train_s": ("train time (s)", 1.0, False)}
+# x axis per cost: (label, scale, log); memory is the group's method-separating figure (data.Group.memory_metric)
+AXES = {M.MEM_TRAIN_GROWTH: ("train growth (MiB)", 1 / 2**20, False),
+        M.MEM_PEAK_TRAIN: ("peak train memory, allocated (MiB)", 1 / 2**20, False),
+        M.CKPT_BYTES: ("checkpoint size (bytes, log scale)", 1.0, True),
+        M.TIME_TRAIN: ("train time (s)", 1.0, False)}
 FRONT, OTHER = "#c0392b", "#2c7fb8"
 
 
@@ -36,10 +39,11 @@ def _save(fig, path: Path) -> None:
 
 
 def group_plot(group: Group, path: Path) -> None:
-    """Three panels: accuracy (mean, 95 % CI bars) against peak memory, checkpoint size and train time."""
+    """Three panels: test accuracy (mean, 95 % CI bars over seeds) against the memory figure, checkpoint size and
+    train time."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     fig.subplots_adjust(left=0.045, right=0.99, bottom=0.11, top=0.87, wspace=0.2)  # fixed: layout engines are slow
-    for ax, (metric, short) in zip(axes, COSTS):
+    for ax, (metric, short) in zip(axes, group.costs):
         label, scale, log = AXES[metric]
         rows = [r for r in group.rows if r.means[metric] is not None]
         for on in (False, True):
@@ -63,8 +67,8 @@ def group_plot(group: Group, path: Path) -> None:
             ax.xaxis.set_major_formatter(FuncFormatter(_bytes_label))
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels would be mathtext: slow and crowded
         ax.set_xlabel(label)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"accuracy vs {short}", fontsize=10)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"test accuracy vs {short}", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.margins(x=0.15)
         if rows:  # intervals of wildly disagreeing seeds can pass 0 or 100 %: keep the axis on possible values

@@ -1,14 +1,18 @@
 """Sweep runs (tag `study`, trials also tag `trial`, nested under the study's parent run) per study.
 
 The objective is the parent's (or a trial's) `objective` and `direction` tags when the sweep logged them,
-else eval/accuracy, maximized.
+else val/accuracy, maximized: a `val/*` metric or a cost, never a test metric (bench/metrics.py: the protocol).
+The best trial's `test/accuracy` is the one test evaluation of the chosen configuration: shown, not selected on.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
 
-from bench.report.data import ACCURACY, RunRecord, run_settings
+from bench import metrics as M
+from bench.report.data import RunRecord, run_settings
+
+DEFAULT_OBJECTIVE = M.VAL_ACCURACY
 
 
 @dataclass
@@ -26,6 +30,11 @@ class Study:
 
     def value(self, run: RunRecord) -> float | None:
         return run.metrics.get(self.objective)
+
+    @staticmethod
+    def test_value(run: RunRecord) -> float | None:
+        """The run's one test evaluation (test/accuracy), reported beside the objective."""
+        return run.metrics.get(M.TEST_ACCURACY)
 
     @property
     def finished(self) -> list[RunRecord]:
@@ -73,7 +82,7 @@ def studies(runs: list[RunRecord]) -> list[Study]:
         parents = sorted((r for r in by_name[name] if "trial" not in r.tags), key=lambda r: (r.start_time, r.run_id))
         parent = parents[-1] if parents else None
         source = {**{k: v for t in trials for k, v in t.tags.items()}, **(parent.tags if parent else {})}
-        objective = source.get("objective", ACCURACY)
+        objective = source.get("objective", DEFAULT_OBJECTIVE)
         direction = source.get("direction", "maximize")
         study = Study(name, parent, trials, objective, direction, [], None)
         done = study.finished

@@ -1,12 +1,15 @@
 """Benchmark: time `python -m bench.report` on 1,000 runs (goal: under 5 s on 2 CPU cores).
 
-    python tests/perf/report_1000_runs.py [--runs 1000] [--keep DIR]
+    python tests/perf/report_1000_runs.py [--runs 1000] [--keep DIR] [--predictions N]
 
 The runs are synthetic but stored for real: a scratch SQLite MLflow store filled through MlflowClient with what
-the harness logs per run (run name, the filter tags and provenance tags, ~50 params, the 19 final metrics),
-spread over 2 tasks × 2 models × 15 methods × seeds, with 2 % FAILED runs and one 40-trial sweep. Prints the
-time to fill the store (not part of the goal), the end-to-end command time (wall and CPU), and the in-process
-build time without imports.
+the harness logs per run (run name, the filter tags and provenance tags, ~50 params, the final metrics of
+bench.metrics.RUN), spread over 2 tasks × 2 models × 15 methods × seeds, with 2 % FAILED runs and one 40-trial
+sweep. By default no run has a predictions artifact (the goal's case), so this times the report's one file
+check per table run and its "paired test unavailable" path; `--predictions N` gives every FINISHED table run a
+predictions artifact of N test examples, which times reading them and the paired tests (not part of the goal).
+Prints the time to fill the store (not part of the goal), the end-to-end command time (wall and CPU), and the
+in-process build time without imports.
 """
 from __future__ import annotations
 
@@ -20,9 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
+
+from bench import metrics as M
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["full", "head", "lora", "dora", "rslora", "loha", "lokr", "vera", "ia3", "adapter",
@@ -43,7 +51,20 @@ def params_for(method: str, task: str, model: str, seed: int, extra: dict | None
     return p
 
 
-def log_run(client, exp_id, rng, method, task, model, seed, status="FINISHED", tags=None, extra_params=None):
+def log_predictions(client, rid: str, accuracy: float, examples: int, seed: int) -> None:
+    """A predictions artifact: the same `examples` questions for every run, each right with p = accuracy."""
+    gen = np.random.default_rng(seed)
+    label = np.arange(examples) % 6
+    right = gen.random(examples) < accuracy
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / Path(M.PREDICTIONS_ARTIFACT).name
+        pd.DataFrame({"index": np.arange(examples), "label": label,
+                      "prediction": np.where(right, label, (label + 1) % 6)}).to_parquet(path, index=False)
+        client.log_artifact(rid, str(path), artifact_path=str(Path(M.PREDICTIONS_ARTIFACT).parent))
+
+
+def log_run(client, exp_id, rng, method, task, model, seed, status="FINISHED", tags=None, extra_params=None,
+            examples=0):
     base = 0.6 + 0.3 * (METHODS.index(method) % 5) / 5 + (0.05 if task == "trec" else 0.0)
     name = f"{method}-{task}-{model}-s{seed}"
     all_tags = {"method": method, "model": model, "task": task, "quant": "none", "seed": str(seed),
@@ -53,22 +74,30 @@ def log_run(client, exp_id, rng, method, task, model, seed, status="FINISHED", t
     params = [Param(k, v) for k, v in params_for(method, task, model, seed, extra_params).items()]
     metrics = {}
     if status == "FINISHED":
-        metrics = {"eval/accuracy": min(1.0, base + rng.gauss(0, 0.01)), "eval/f1_macro": base - 0.05,
-                   "eval/best_accuracy": base + 0.01, "eval/loss": 0.5, "train/loss": 0.4, "train/steps": 600,
-                   "train/tokens": 1e5, "mem/peak_train_bytes": 1e9 + 1e8 * METHODS.index(method) + rng.gauss(0, 1e6),
-                   "mem/peak_eval_bytes": 9e8, "time/train_s": 60 + 3 * METHODS.index(method) + rng.gauss(0, 1),
-                   "time/eval_s": 5, "time/total_s": 70, "ckpt/bytes": 3e5 * (1 + METHODS.index(method)),
-                   "params/trainable": 1e5, "params/total": 2.2e7, "params/trainable_pct": 0.5,
-                   "throughput/train_tokens_per_s": 2000, "throughput/train_samples_per_s": 160, "train/lr": 0}
+        i = METHODS.index(method)
+        growth = 1e8 + 3e7 * i + rng.gauss(0, 1e6)
+        metrics = {M.VAL_ACCURACY: base + 0.005, M.VAL_F1_MACRO: base - 0.04, M.VAL_LOSS: 0.5,
+                   M.VAL_BEST_ACCURACY: base + 0.01, M.VAL_BEST_STEP: 500,
+                   M.TEST_ACCURACY: min(1.0, base + rng.gauss(0, 0.01)), M.TEST_F1_MACRO: base - 0.05,
+                   M.TEST_LOSS: 0.5, M.TRAIN_LOSS: 0.4, M.TRAIN_STEPS: 600, M.TRAIN_TOKENS: 1e5,
+                   M.TRAIN_SELECTED_STEP: 500, M.MEM_PEAK_TRAIN: 9e8 + growth, M.MEM_PEAK_EVAL: 9e8,
+                   M.MEM_TRAIN_GROWTH: growth, M.MEM_WEIGHTS: 9e7, M.MEM_GRAD: 1e6 * (1 + i),
+                   M.MEM_OPTIMIZER: 2e6 * (1 + i), M.TIME_TRAIN: 60 + 3 * i + rng.gauss(0, 1), M.TIME_EVAL: 5,
+                   M.TIME_TOTAL: 70, M.CKPT_BYTES: 3e5 * (1 + i), M.PARAMS_TRAINABLE: 1e5, M.PARAMS_TOTAL: 2.2e7,
+                   M.PARAMS_TRAINABLE_PCT: 0.5, M.THROUGHPUT_TOKENS: 2000, M.THROUGHPUT_SAMPLES: 160,
+                   M.TRAIN_LR: 0}
     client.log_batch(rid, metrics=[Metric(k, float(v), ts, 600) for k, v in metrics.items()], params=params[:100])
+    if examples and status == "FINISHED" and not tags:
+        log_predictions(client, rid, metrics[M.TEST_ACCURACY], examples, rng.randrange(2**31))
     if status != "FINISHED":
         client.set_tag(rid, "error", "RuntimeError: synthetic failure for the benchmark")
     client.set_terminated(rid, status=status)
 
 
-def fill(uri: str, n_runs: int) -> None:
+def fill(uri: str, n_runs: int, examples: int = 0) -> None:
     client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("peft-bench")
+    artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts"   # beside the store, not in the cwd
+    exp_id = client.create_experiment("peft-bench", artifact_location=artifacts.as_uri())
     rng = random.Random(0)
     combos = [(t, m, meth) for t in ("trec", "finefoods") for m in ("minilm", "smollm2") for meth in METHODS]
     sweep_trials = 40
@@ -77,9 +106,11 @@ def fill(uri: str, n_runs: int) -> None:
         for i in range(table_runs):
             task, model, method = combos[i % len(combos)]
             seed = i // len(combos)
-            log_run(client, exp_id, rng, method, task, model, seed, status="FAILED" if i % 50 == 7 else "FINISHED")
+            log_run(client, exp_id, rng, method, task, model, seed, status="FAILED" if i % 50 == 7 else "FINISHED",
+                    examples=examples)
             bar.update()
-        parent = client.create_run(exp_id, run_name="sweep-lora_rank_alpha", tags={"study": "lora_rank_alpha"})
+        parent = client.create_run(exp_id, run_name="sweep-lora_rank_alpha", tags={
+            "study": "lora_rank_alpha", "objective": M.VAL_ACCURACY, "direction": "maximize"})
         client.set_terminated(parent.info.run_id, "FINISHED")
         bar.update()
         for t in range(sweep_trials):
@@ -96,6 +127,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=1000)
     p.add_argument("--keep", help="folder for the store and report, kept; a store already there is reused "
                                   "(default: a temporary folder, removed)")
+    p.add_argument("--predictions", type=int, default=0, metavar="N",
+                   help="give every FINISHED table run a predictions artifact of N test examples (default: none)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.keep or tmp)
@@ -105,7 +138,7 @@ def main() -> None:
             print(f"reusing the store in {work} (delete it to fill a new one)")
         else:
             t0 = time.perf_counter()
-            fill(uri, a.runs)
+            fill(uri, a.runs, a.predictions)
             print(f"filled {a.runs} runs in {time.perf_counter() - t0:.1f} s (setup, not timed against the goal)")
 
         t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -1,0 +1,133 @@
+"""Per-example test predictions (the artifact metrics.PREDICTIONS_ARTIFACT of every finished run: int columns
+`index`, `label`, `prediction`) and what the report builds on them: which examples a run got right, and the paired
+test of two rows on the same examples (definitions: bench/report/stats.py).
+
+Where the artifact is read from: a local artifact location (a plain path, a `file:` URI, or `mlflow-artifacts:`
+served from an `mlartifacts/` folder next to the SQLite store or in the working directory) is checked with one
+file test and read directly (pyarrow); any other location is downloaded through MLflow. A run without the file (old
+protocol, another machine's disk, a remote store that cannot be read) has no predictions: its comparisons say
+"paired test unavailable" instead of a verdict. Only runs in the method tables are read.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+
+from bench.metrics import PREDICTIONS_ARTIFACT
+from bench.report.stats import PairedTest, mcnemar_test, paired_bootstrap
+
+COLUMNS = ["index", "label", "prediction"]
+
+
+@dataclass(frozen=True)
+class Answers:
+    """One run's test answers: `index` (sorted, distinct example ids) and whether each was `correct`."""
+    index: np.ndarray
+    correct: np.ndarray
+
+    @classmethod
+    def from_columns(cls, index, label, prediction) -> "Answers":
+        index, first = np.unique(np.asarray(index), return_index=True)   # sorted; a repeated id counts once
+        return cls(index, (np.asarray(prediction) == np.asarray(label))[first])
+
+    def on(self, examples: np.ndarray) -> np.ndarray:
+        """`correct` for these examples (a sorted subset of `index`)."""
+        if len(examples) == len(self.index):
+            return self.correct
+        return self.correct[np.searchsorted(self.index, examples)]
+
+
+def _store_dir(store_uri: str) -> Path | None:
+    if store_uri.startswith("sqlite:///"):
+        path = store_uri[len("sqlite:///"):]
+        return Path(path).parent if path not in ("", ":memory:") else None
+    return None
+
+
+def local_candidates(artifact_uri: str, store_uri: str) -> list[Path] | None:
+    """Paths where a run's predictions file may lie on this machine; None when its artifacts are remote."""
+    parsed = urlparse(artifact_uri)
+    bases = ([_store_dir(store_uri)] if _store_dir(store_uri) else []) + [Path.cwd()]
+    if parsed.scheme == "file":
+        return [Path(unquote(parsed.path)) / PREDICTIONS_ARTIFACT]
+    if parsed.scheme == "":
+        root = Path(artifact_uri)
+        return [root / PREDICTIONS_ARTIFACT] if root.is_absolute() else [b / root / PREDICTIONS_ARTIFACT
+                                                                          for b in bases]
+    if parsed.scheme == "mlflow-artifacts" and not store_uri.startswith(("http://", "https://")):
+        # a server proxied the artifacts into its --artifacts-destination (default ./mlartifacts)
+        rel = unquote(parsed.path).lstrip("/")
+        return [b / "mlartifacts" / rel / PREDICTIONS_ARTIFACT for b in bases]
+    return None
+
+
+def read_answers(path: Path) -> Answers | None:
+    """The predictions file as Answers; None when it cannot be read or lacks the columns. Read with pyarrow, the
+    Parquet engine pandas itself uses (an MLflow dependency): ~5x faster than pandas.read_parquet on such small
+    files, and imported only when a file is there."""
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(path, columns=COLUMNS, use_threads=False)
+        return Answers.from_columns(*(table.column(c).to_numpy() for c in COLUMNS))
+    except Exception:
+        return None
+
+
+class Reader:
+    """run -> its Answers or None. Remote downloads stop after the first failure that is not a plain "no such
+    artifact" (an unreachable server fails once, not once per run)."""
+
+    def __init__(self, store_uri: str):
+        self.store_uri = store_uri
+        self.remote_error: str | None = None
+
+    def __call__(self, run) -> Answers | None:
+        candidates = local_candidates(run.artifact_uri or "", self.store_uri)
+        if candidates is not None:
+            return next((read_answers(p) for p in candidates if p.is_file()), None)
+        return self._download(run.run_id) if self.remote_error is None else None
+
+    def _download(self, run_id: str) -> Answers | None:
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDICTIONS_ARTIFACT,
+                                                           tracking_uri=self.store_uri, dst_path=tmp)
+            except Exception as e:
+                missing = isinstance(e, MlflowException) and e.error_code == "RESOURCE_DOES_NOT_EXIST"
+                if not missing:
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    self.remote_error = f"{type(e).__name__}: {first}"[:200]
+                return None
+            return read_answers(Path(path))
+
+
+def pooled(answers: list[Answers]) -> tuple[float, int]:
+    """Correct answers over all answers of several runs, and the number of distinct examples they scored."""
+    total = sum(len(a.index) for a in answers)
+    distinct = len(reduce(np.union1d, (a.index for a in answers)))
+    return sum(int(a.correct.sum()) for a in answers) / total, distinct
+
+
+def paired(a: dict[str, Answers], b: dict[str, Answers], order) -> PairedTest | str:
+    """A minus B on the seeds both have predictions for and the examples every one of those runs scored:
+    McNemar with one such seed, the two-level bootstrap with several. A string says why no test was possible."""
+    seeds = sorted(set(a) & set(b), key=order)
+    if not seeds:
+        return "no seed with predictions for both"
+    runs = [side[s] for s in seeds for side in (a, b)]
+    common = reduce(lambda x, y: x if np.array_equal(x, y) else np.intersect1d(x, y, assume_unique=True),
+                    (r.index for r in runs))
+    if len(common) == 0:
+        return "no test example scored by both"
+    a_rows = np.array([a[s].on(common) for s in seeds], dtype=bool)
+    b_rows = np.array([b[s].on(common) for s in seeds], dtype=bool)
+    if len(seeds) == 1:
+        return mcnemar_test(a_rows[0], b_rows[0], seeds[0])
+    return paired_bootstrap(a_rows, b_rows, tuple(seeds))
