@@ -131,6 +131,15 @@ def _store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _artifact_root(uri: str, experiment: str) -> str | None:
+    """A new experiment in a SQLite store keeps its artifacts beside the store (<store dir>/mlruns/<name>), not
+    in MLflow's default ./mlruns of whatever directory the command ran in; other stores: MLflow's default."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = Path(uri.removeprefix("sqlite:///")).expanduser().absolute().parent / "mlruns"
+    return (folder / hashlib.sha256(experiment.encode()).hexdigest()[:12]).as_uri()
+
+
 class _Retrying:
     """MlflowClient whose calls are retried when SQLite answers "database is locked": MLflow waits on a busy
     store (busy_timeout) but SQLite refuses some lock upgrades at once, without waiting."""
@@ -165,7 +174,8 @@ class Tracker:
             with _store_lock(uri):
                 self.client = _Retrying(MlflowClient(tracking_uri=uri))
                 exp = self.client.get_experiment_by_name(experiment)
-                self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+                self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+                    experiment, artifact_location=_artifact_root(uri, experiment))
                 if f"mlflow.sharedViewState.{COMPARE_VIEW}" not in (exp.tags if exp else {}):
                     self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{COMPARE_VIEW}",
                                                    compare_view())

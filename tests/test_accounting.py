@@ -2,7 +2,6 @@
 train-growth figure separates full fine-tuning from LoRA on CPU (where the process total cannot)."""
 from __future__ import annotations
 
-import statistics
 import time
 
 import pytest
@@ -37,11 +36,11 @@ def test_train_time_excludes_metric_logging_tiny_random_bert(tiny_overrides, tmp
     cfg = compose(*overrides)
     sleepy = SleepyTracker(cfg.tracking.uri, cfg.tracking.experiment)
     normal, slow = [], []
-    for i in range(3):  # interleaved, medians: the machine's other load hits both alike
+    for i in range(4):  # interleaved; the best of each: other load on the machine only ever adds time
         normal.append(_train_s(cfg, tmp_path / f"normal{i}"))
         slow.append(_train_s(cfg, tmp_path / f"slow{i}", tracker=sleepy))
-    assert SleepyTracker.calls == 3 * 3, "one store write per periodic evaluation (steps 20, 40, 60)"
-    assert statistics.median(slow) <= 1.1 * statistics.median(normal), (normal, slow)
+    assert SleepyTracker.calls == 4 * 3, "one store write per periodic evaluation (steps 20, 40, 60)"
+    assert min(slow) <= 1.1 * min(normal), (normal, slow)
 
 
 def test_memory_components_are_exact_on_a_known_module():
