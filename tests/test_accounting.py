@@ -28,20 +28,23 @@ def _train_s(cfg, out, tracker=None) -> float:
     return run(cfg, out, tracker=tracker).metrics[M.TIME_TRAIN]
 
 
+@pytest.mark.slow  # 10 short runs: about 40 s
 def test_train_time_excludes_metric_logging_tiny_random_bert(tiny_overrides, tmp_path):
     """A logger that sleeps 0.5 s per call leaves time/train_s within 10 % of the same run with a normal one.
     With log_every=1 the old placement (a store write inside the timed loop every log_every steps) would add
-    75 s to a ~1 s training time."""
-    overrides = [*tiny_overrides, "method=lora", "train.max_steps=150", "train.log_every=1", "train.eval_every=50",
+    120 s to a ~1.5 s training time."""
+    # one evaluation mid-run and one at the end: a 0.5 s pause leaves caches and clocks cold for a few steps,
+    # a real cost of pausing (a few %), not store I/O inside the timer; few pauses keep it out of the comparison
+    overrides = [*tiny_overrides, "method=lora", "train.max_steps=240", "train.log_every=1", "train.eval_every=120",
                  "train.threads=1"]
     cfg = compose(*overrides)
     sleepy = SleepyTracker(cfg.tracking.uri, cfg.tracking.experiment)
     normal, slow = [], []
-    for i in range(4):  # interleaved; the best of each: other load on the machine only ever adds time
+    for i in range(5):  # interleaved; the best of each: other load on the machine only ever adds time
         normal.append(_train_s(cfg, tmp_path / f"normal{i}"))
         slow.append(_train_s(cfg, tmp_path / f"slow{i}", tracker=sleepy))
-    assert SleepyTracker.calls == 4 * 3, "one store write per periodic evaluation (steps 50, 100, 150)"
-    print(f"time/train_s, best of 4: normal logger {min(normal):.3f} s, logger sleeping 0.5 s per call "
+    assert SleepyTracker.calls == 5 * 2, "one store write per periodic evaluation (steps 120, 240)"
+    print(f"time/train_s, best of 5: normal logger {min(normal):.3f} s, logger sleeping 0.5 s per call "
           f"{min(slow):.3f} s ({SleepyTracker.calls} calls, {0.5 * SleepyTracker.calls:.1f} s asleep)")
     assert min(slow) <= 1.1 * min(normal), (normal, slow)
 

@@ -111,6 +111,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
+@pytest.mark.slow  # a fresh interpreter importing the harness: ~10 s
 def test_importing_the_harness_keeps_the_bitsandbytes_kernel_warning_off_stderr():
     """The real import (through peft); meaningful on AVX512-BF16 CPUs, where bitsandbytes logs the warning."""
     pytest.importorskip("bitsandbytes")
@@ -125,6 +126,7 @@ def test_importing_the_harness_keeps_the_bitsandbytes_kernel_warning_off_stderr(
         assert note and note.startswith("note: quant=nf4: "), "the harness lost track of bitsandbytes' warning"
 
 
+@pytest.mark.slow  # a fresh interpreter importing the harness: ~10 s
 def test_hidden_bitsandbytes_is_not_imported_and_lora_still_applies():
     """BENCH_HIDE_BITSANDBYTES=1 (a process that runs only quant=none jobs): peft treats bitsandbytes as absent."""
     pytest.importorskip("bitsandbytes")
