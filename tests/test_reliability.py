@@ -254,6 +254,7 @@ def test_summary_marks_skipped_runs_and_fails_only_on_failed_runs(capsys):
 PARALLEL_RUNS = 8
 
 
+@pytest.mark.slow  # a whole 8-job multirun on 4 joblib workers: about 90 s
 def test_parallel_joblib_workers_lose_no_runs(cli, tmp_path):
     argv, uri = cli
     seeds = ",".join(str(s) for s in range(PARALLEL_RUNS))
