@@ -298,16 +298,15 @@ def check_command(overrides: list[str], multirun: bool, *, with_status: bool = F
     return (errors or [], errors is not None) if with_status else (errors or [])
 
 
-def _hide_bitsandbytes_unless_quantized(compose, jobs) -> None:
-    """A command whose jobs are all quant=none never imports bitsandbytes (peft would, at import)."""
-    from hydra.errors import HydraException
-    try:
-        quantized = any(compose("config", overrides=list(job)).quant.name != "none" for job in jobs)
-    except HydraException:
-        return  # reported with its job below
-    if not quantized:
-        from bench import quant_backend
-        quant_backend.hide_bitsandbytes()
+def _hydra_error_line(e) -> str:
+    """One line for an error Hydra raised while composing a job."""
+    from hydra.errors import MissingConfigException
+    if isinstance(e, MissingConfigException):
+        return _group_choice_error(e) or str(e).splitlines()[0]
+    line = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+    if e.__cause__ is not None and str(e.__cause__):
+        line += f" ({str(e.__cause__).splitlines()[0]})"
+    return line
 
 
 def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
@@ -315,7 +314,7 @@ def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException, MissingConfigException
+    from hydra.errors import HydraException
 
     if any(o.split("=", 1)[0].lstrip("+~") in ("hydra/sweeper",) for o in overrides):
         return None
@@ -334,22 +333,26 @@ def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
                 return None  # Hydra explains that a sweep needs -m
             jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [list(overrides)]
             swept = {o for job in jobs for o in job if sum(o in j for j in jobs) < len(jobs)}  # names a job
-            _hide_bitsandbytes_unless_quantized(compose, jobs)
+            composed = []  # (job, its config, or the line saying why it does not compose)
             for job in jobs:
                 try:
-                    cfg = compose("config", overrides=list(job))
-                    validate(cfg)
-                except MissingConfigException as e:
-                    line = _group_choice_error(e) or str(e).splitlines()[0]
-                except BenchError as e:
-                    line = str(e)
+                    composed.append((job, compose("config", overrides=list(job))))
                 except HydraException as e:
-                    line = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
-                    if e.__cause__ is not None and str(e.__cause__):
-                        line += f" ({str(e.__cause__).splitlines()[0]})"
-                else:
-                    continue
-                failed.setdefault(line, []).append(" ".join(o for o in job if o in swept))
+                    composed.append((job, _hydra_error_line(e)))
+            if all(not isinstance(cfg, str) and cfg.quant.name == "none" for _, cfg in composed):
+                from bench import quant_backend
+                quant_backend.hide_bitsandbytes()  # no job is quantized: never import bitsandbytes (peft would)
+            for job, cfg in composed:
+                line = cfg if isinstance(cfg, str) else None
+                if line is None:
+                    try:
+                        validate(cfg)
+                    except BenchError as e:
+                        line = str(e)
+                    except HydraException as e:
+                        line = _hydra_error_line(e)
+                if line is not None:
+                    failed.setdefault(line, []).append(" ".join(o for o in job if o in swept))
     finally:
         GlobalHydra.instance().clear()
     if len(jobs) == 1:

@@ -201,8 +201,7 @@ class Tracker:
         self.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(without_secrets(container))), "config.yaml")
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        ts = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        self.log_points(run_id, [(step, metrics)])
 
     def log_points(self, run_id: str, points: list[tuple[int, dict[str, float]]]) -> None:
         """Several steps' metrics in as few store writes as possible (log_batch takes at most 1,000 metrics)."""

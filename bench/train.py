@@ -119,17 +119,18 @@ def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, 
         samples += len(batch["labels"])
         window.append(loss.item())
 
+        evaluating = step % eval_every == 0 or step == steps
         if step % cfg.log_every == 0 or step == steps:
             last_loss = sum(window) / len(window)  # train/loss: mean training loss over the last log window
             pending.append((step, {M.TRAIN_LOSS: last_loss, M.TRAIN_LR: scheduler.get_last_lr()[0]}))
             window.clear()
             bar.set_postfix(loss=f"{last_loss:.4f}")
-            if time.monotonic() - flushed > FLUSH_S and not (step % eval_every == 0 or step == steps):
+            if time.monotonic() - flushed > FLUSH_S and not evaluating:
                 meter.stop("train")  # a long stretch without evaluation: show progress in the store now
                 log(pending)
                 pending, flushed = [], time.monotonic()
                 meter.start("train")
-        if step % eval_every == 0 or step == steps:
+        if evaluating:
             meter.stop("train")
             meter.start("eval")
             val, _ = evaluate(model, val_ds, tokenizer, cfg.eval_batch_size, num_labels, device, split="val")
