@@ -36,6 +36,36 @@ def _bool(key: str, value) -> None:
         raise BenchError(f"{key}: must be true or false, got {value!r}")
 
 
+def _check_new_method_knobs(cfg) -> None:
+    """Knobs of freeze, AdaLoRA and BOFT that need more than a positive number (the model-dependent range of
+    method.trainable_layers is checked in check_model)."""
+    m = cfg.method
+    if "trainable_layers" in m:
+        k = m.trainable_layers
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise BenchError(f"method.trainable_layers: must be an integer from 0 to the model's number of transformer "
+                             f"blocks (num_hidden_layers), got {k!r}")
+    peft_spec = m.get("peft") or {}
+    if "total_step" in peft_spec:
+        if cfg.train.max_steps is None:
+            raise BenchError(f"train.max_steps: method={m.name} schedules over a step count fixed before the run; "
+                             f"set train.max_steps (train.epochs alone is not supported for it)")
+        if peft_spec.total_step != cfg.train.max_steps:
+            raise BenchError(f"method.peft.total_step: {peft_spec.total_step!r} differs from the run's "
+                             f"train.max_steps={cfg.train.max_steps}; valid: leave it at ${{train.max_steps}}")
+    factor = peft_spec.get("boft_n_butterfly_factor", 1)
+    if isinstance(factor, int) and factor > 1 and not _cuda_run(cfg):
+        raise BenchError(f"method.n_butterfly_factor: {factor} needs peft's CUDA kernel (fbd_cuda); without CUDA "
+                         "peft silently trains with 1; valid here: 1")
+
+
+def _cuda_run(cfg) -> bool:
+    if cfg.device == "cpu":
+        return False
+    import torch
+    return torch.cuda.is_available()
+
+
 def has_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
@@ -67,9 +97,11 @@ def validate(cfg) -> None:
         raise BenchError(f"train.warmup_ratio: must lie in [0, 1), got {t.warmup_ratio!r}")
     if not isinstance(t.weight_decay, (int, float)) or t.weight_decay < 0:
         raise BenchError(f"train.weight_decay: must be a number >= 0, got {t.weight_decay!r}")
-    for key in ("r", "alpha", "reduction_factor", "num_virtual_tokens"):
+    for key in ("r", "alpha", "reduction_factor", "num_virtual_tokens", "init_r", "target_r", "block_size",
+                "n_butterfly_factor", "n_frequency", "num_vectors", "vector_length", "topk"):
         if key in cfg.method:
             _positive(f"method.{key}", cfg.method[key])
+    _check_new_method_knobs(cfg)
     if "dropout" in cfg.method and not (isinstance(cfg.method.dropout, (int, float))
                                         and 0 <= cfg.method.dropout < 1):
         raise BenchError(f"method.dropout: must lie in [0, 1), got {cfg.method.dropout!r}")
@@ -181,6 +213,33 @@ def _linear_leaf_names(model) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
+# peft methods whose layers refuse (or, OLoRA's init, mis-shape) transformers' Conv1D, GPT-2's projections, as of
+# the peft range in pyproject.toml; tests/test_architectures.py trains every method on GPT-2 to keep this true
+NO_CONV1D = {"BOFT": "BOFT", "HRA": "HRA", "LOHA": "LoHa", "LOKR": "LoKr", "OFT": "OFT"}
+
+
+def _check_conv1d(method: str, pc, model, targeted) -> None:
+    from transformers.pytorch_utils import Conv1D
+    what = NO_CONV1D.get(pc.peft_type) or ("OLoRA's initialization" if getattr(pc, "init_lora_weights", None)
+                                                == "olora" else None)
+    if what is None:
+        return
+    conv = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, Conv1D)
+                   and targeted(pc, n)})
+    if conv:
+        raise BenchError(f"method={method}: peft's {what} does not support the Conv1D layers of "
+                         f"{type(model).__name__} ({', '.join(conv)}); valid here: lora, dora, rslora, pissa, ia3, "
+                         "vera, fourierft, vblora, adalora, the adapters or a prompt method")
+
+
+def _target_key(method_cfg) -> str:
+    """The key a user sets for this method's target modules: the model YAML role it reads, else its own."""
+    import re
+    raw = OmegaConf.to_container(method_cfg, resolve=False).get("target_modules")
+    m = re.fullmatch(r"\$\{model\.target_modules\.(\w+)\}", str(raw))
+    return f"model.target_modules.{m.group(1)}" if m else "method.target_modules"
+
+
 def _accepts(fn, arg: str) -> bool:
     import inspect
     return arg in inspect.signature(fn).parameters
@@ -199,6 +258,9 @@ def check_model(cfg) -> None:
     if not any(part in head for n in names for part in n.split(".")):
         children = ", ".join(n for n, _ in model.named_children())
         raise BenchError(f"model.head_modules: {head} names no module of {kind}; its top-level modules: {children}")
+    if cfg.method.kind in ("freeze", "bitfit"):
+        from bench import methods
+        methods.trainable_names(model, cfg.method, cfg.model)  # trainable_layers in range, blocks / biases found
     if cfg.method.kind != "peft":
         return
     from bench import methods
@@ -219,12 +281,28 @@ def check_model(cfg) -> None:
                              f"{kind} does not. Valid here: a method that adapts weights (lora, ia3, adapter, ...)")
         return
     target = getattr(pc, "target_modules", None)
+    if target is None and "target_modules" in cfg.method:
+        key = _target_key(cfg.method)
+        from bench import architectures
+        raise BenchError(f"{key}: no default for model type {model.config.model_type!r} (defaults exist for "
+                         f"{', '.join(sorted(architectures.FAMILIES))}); set {key}=[...] to module names of {kind}: "
+                         f"{', '.join(_linear_leaf_names(model))}")
     if target:
         from peft.tuners.tuners_utils import check_target_module_exists
         if not any(check_target_module_exists(pc, n) for n in names if n):
             shown = repr(sorted(target)) if isinstance(target, (set, list, tuple)) else f"'{target}'"
             raise BenchError(f"method.target_modules: {shown} matches no module of {kind}; valid names (linear "
                              f"layers): {', '.join(_linear_leaf_names(model))}, or a regex over the full module names")
+        _check_conv1d(cfg.method.name, pc, model, check_target_module_exists)
+        vector_length = getattr(pc, "vector_length", None)   # VB-LoRA: sub-vectors must tile every targeted width
+        if vector_length:
+            import math
+            widths = {w for n, m in model.named_modules() if n and check_target_module_exists(pc, n)
+                      for w in (getattr(m, "in_features", None), getattr(m, "out_features", None)) if w}
+            if any(w % vector_length for w in widths):
+                raise BenchError(f"method.vector_length: {vector_length} does not divide the widths of the targeted "
+                                 f"layers ({', '.join(map(str, sorted(widths)))}); valid: a divisor of "
+                                 f"{math.gcd(*widths)}")
 
 
 # --- tracking ---------------------------------------------------------------------------------------------

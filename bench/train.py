@@ -7,6 +7,8 @@ bench/run.py scores it once, after training (`evaluate(..., split="test")`).
 
 The clock of time/train_s runs only around training steps (batch preparation, forward, backward, optimizer
 step). Metrics for the store are buffered and handed to `log` at evaluations, with the clock stopped.
+A method that must act after each optimizer step (AdaLoRA's rank allocation) does so through one general hook,
+`bench.methods.step_hook`; every other method gets None and the loop is unchanged.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from bench import methods
 from bench import metrics as M
 from bench.measure import Meter, optimizer_bytes
 
@@ -89,6 +92,7 @@ def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+    after_step = methods.step_hook(model, steps)   # None for nearly every method; AdaLoRA: rank allocation
     batches = train_batches(train_ds, cfg.batch_size, seed)
     train_rows = train_ds.to_list()
     eval_every = cfg.eval_every or steps
@@ -111,6 +115,8 @@ def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
+        if after_step is not None:
+            after_step(step)  # inside time/train_s; sees this step's gradients (before zero_grad)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step == 1:

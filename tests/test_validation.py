@@ -26,7 +26,7 @@ from tests.conftest import compose
 # id, overrides ({placeholders} are files made by the `files` fixture), the one line expected (regex)
 CASES = [
     ("unknown method", ["method=loraa"],
-     r"^method: unknown choice 'loraa'; valid: adapter, adapter_pfeiffer, .*lora.*vera$"),
+     r"^method: unknown choice 'loraa'; valid: (\w+, )*adapter, adapter_parallel, adapter_pfeiffer, .*lora.*vera$"),
     ("unknown model", ["model=bert", "model.name_or_path={tiny_bert}"],
      r"^model: unknown choice 'bert'; valid: hf, minilm, smollm2$"),
     ("unknown task", ["task=imdb"], r"^task: unknown choice 'imdb'; valid: finefoods, hf, local, rotten_tomatoes, trec$"),

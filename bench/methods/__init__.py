@@ -2,14 +2,21 @@
 
 - full: every weight trains.
 - head: the backbone is frozen; only the task head (model YAML `head_modules`) trains.
+- freeze: frozen fine-tuning: the top `method.trainable_layers` transformer blocks and the head train; the
+  embeddings, the lower blocks and whatever sits outside the blocks (BERT's pooler, a final norm) stay frozen.
+- bitfit: BitFit (Ben Zaken et al., 2022): every bias term of the backbone and the head train.
 - peft: the YAML's `peft:` block is handed to peft's config class for its `peft_type`, as written; the task head
   trains too (peft `modules_to_save`). The bottleneck adapters are a peft method registered in bottleneck.py.
+
+`step_hook` is the one place a method acts inside the common training loop (AdaLoRA's rank allocation).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,11 +25,61 @@ from omegaconf import OmegaConf
 
 from bench.errors import BenchError
 
-KINDS = ("full", "head", "peft")
+# kinds that keep the backbone as loaded and save only the tensors that trained, as <kind>.safetensors
+PARTIAL_KINDS = ("head", "freeze", "bitfit")
+# a transformer block's parameters: BERT `encoder.layer.<i>.`, Llama `model.layers.<i>.`, GPT-2 `h.<i>.`
+BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h)\.(\d+)\.")
 
 
 def _is_head(param_name: str, head_modules) -> bool:
     return any(part in head_modules for part in param_name.split("."))
+
+
+def block_index(param_name: str) -> int | None:
+    """The transformer block a parameter belongs to (its first `layer.<i>.` / `layers.<i>.` / `h.<i>.`), else None."""
+    m = BLOCK.search(param_name)
+    return int(m.group(1)) if m else None
+
+
+def num_blocks(model) -> int:
+    """The model's transformer blocks (config num_hidden_layers), checked against its parameter names."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    found = {block_index(name) for name, _ in model.named_parameters()} - {None}
+    if not isinstance(n, int) or found != set(range(n)):
+        raise BenchError(f"method.kind: cannot find the {n} transformer blocks of {type(model).__name__} (config "
+                         f"num_hidden_layers) among its parameters; block indices found in names *.layer.<i>. / "
+                         f"*.layers.<i>. / *.h.<i>.: {sorted(found) or 'none'}; valid here: head, full or a peft method")
+    return n
+
+
+def check_trainable_layers(k, n: int, model_name: str) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= n:
+        raise BenchError(f"method.trainable_layers: {k!r} is not a number of {model_name}'s {n} transformer blocks; "
+                         f"valid: an integer from 0 to {n}")
+
+
+def _bias_names(model, head_modules) -> list[str]:
+    names = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and not _is_head(n, head_modules)]
+    if not names:
+        raise BenchError(f"method=bitfit: {type(model).__name__} has no bias terms outside the head, so BitFit would "
+                         "train the head only; valid here: head or a method that adapts weights (lora, ia3, ...)")
+    return names
+
+
+def trainable_names(model, method_cfg, model_cfg) -> set[str]:
+    """The parameters that train under a partial kind (head, freeze, bitfit); works on a meta-device model too."""
+    head = {n for n, _ in model.named_parameters() if _is_head(n, model_cfg.head_modules)}
+    if method_cfg.kind == "head":
+        return head
+    if method_cfg.kind == "freeze":
+        n = num_blocks(model)
+        k = method_cfg.trainable_layers
+        check_trainable_layers(k, n, type(model).__name__)
+        top = {name for name, _ in model.named_parameters() if (i := block_index(name)) is not None and i >= n - k}
+        return head | top
+    if method_cfg.kind == "bitfit":
+        return head | set(_bias_names(model, model_cfg.head_modules))
+    raise BenchError(f"method.kind: {method_cfg.kind!r} is not one of {', '.join(PARTIAL_KINDS)}")
 
 
 def peft_config(method_cfg, model_cfg):
@@ -38,19 +95,65 @@ def peft_config(method_cfg, model_cfg):
     return config
 
 
+def _no_boft_cuda_build() -> None:
+    """peft's BOFT builds a CUDA kernel (fbd_cuda, with nvcc and ninja) when its first layer is created and, without
+    it, sets boft_n_butterfly_factor to 1. Without CUDA that kernel could never run: skip the doomed build (minutes
+    of nvcc where a CUDA toolkit is installed) and take peft's fallback directly."""
+    if not torch.cuda.is_available():
+        from peft.tuners.boft import layer
+        if layer._FBD_CUDA is None:
+            layer._FBD_CUDA = False
+
+
+def _apply_full(model, method_cfg, model_cfg):
+    model.requires_grad_(True)
+    return model
+
+
+def _apply_partial(model, method_cfg, model_cfg):
+    train = trainable_names(model, method_cfg, model_cfg)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in train)
+    return model
+
+
+def _apply_peft(model, method_cfg, model_cfg):
+    import peft
+    config = peft_config(method_cfg, model_cfg)
+    if config.peft_type == peft.PeftType.BOFT:
+        _no_boft_cuda_build()
+    return peft.get_peft_model(model, config)
+
+
+APPLY = {"full": _apply_full, "head": _apply_partial, "freeze": _apply_partial, "bitfit": _apply_partial,
+         "peft": _apply_peft}
+KINDS = tuple(APPLY)
+
+
 def apply(model, method_cfg, model_cfg):
     """Return the model to train, with requires_grad set by the method."""
-    if method_cfg.kind == "full":
-        model.requires_grad_(True)
-        return model
-    if method_cfg.kind == "head":
-        for name, p in model.named_parameters():
-            p.requires_grad_(_is_head(name, model_cfg.head_modules))
-        return model
-    if method_cfg.kind == "peft":
-        import peft
-        return peft.get_peft_model(model, peft_config(method_cfg, model_cfg))
-    raise BenchError(f"method.kind: unknown kind {method_cfg.kind!r}; valid: {', '.join(KINDS)}")
+    if method_cfg.kind not in APPLY:
+        raise BenchError(f"method.kind: unknown kind {method_cfg.kind!r}; valid: {', '.join(KINDS)}")
+    return APPLY[method_cfg.kind](model, method_cfg, model_cfg)
+
+
+def step_hook(model, total_steps: int):
+    """What the method does after every optimizer step, as a callable taking the step (1 .. total_steps), or None.
+
+    Called by the common trainer right after optimizer.step(), before the gradients are cleared. The one user:
+    AdaLoRA (peft `update_and_allocate`), which scores its singular values from this step's gradients and prunes
+    ranks on a schedule over `total_step` steps (its YAML sets that from train.max_steps).
+    """
+    peft = sys.modules.get("peft")  # not imported: not a peft model
+    if peft is None or not isinstance(model, peft.PeftModel):
+        return None
+    update = getattr(model.base_model, "update_and_allocate", None)
+    if update is None:
+        return None
+    scheduled = getattr(model.peft_config[model.active_adapter], "total_step", None)
+    if scheduled is not None and scheduled != total_steps:
+        raise ValueError(f"method.peft.total_step: {scheduled}, but the run has {total_steps} steps; they must agree")
+    return update
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -75,17 +178,19 @@ def save(model, method_cfg, out_dir: Path) -> int:
 
     ckpt/bytes: the bytes of the weight files plus the config needed to reload them, nothing else: for peft
     methods adapter_model.safetensors (which includes the trained head) + adapter_config.json; for `full`, the
-    whole model (model.safetensors + config.json); for `head`, the trained head weights (head.safetensors). Other
-    files save_pretrained writes (peft's model card README.md) are kept but not counted.
+    whole model (model.safetensors + config.json); for `head`, `freeze` and `bitfit`, the tensors that trained
+    (head.safetensors / freeze.safetensors / bitfit.safetensors; names as in the model's state dict, so they need
+    no config to reload). Other files save_pretrained writes (peft's model card README.md) are kept but not
+    counted.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        if method_cfg.kind == "head":
+        if method_cfg.kind in PARTIAL_KINDS:
             from safetensors.torch import save_file
             state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-            save_file(state, tmp / "head.safetensors")
+            save_file(state, tmp / f"{method_cfg.kind}.safetensors")
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         if out_dir.exists():
@@ -111,10 +216,20 @@ def reload(base_model, method_cfg, ckpt_dir: Path):
         import peft
 
         import bench.methods.bottleneck  # noqa: F401
-        return peft.PeftModel.from_pretrained(base_model, ckpt_dir)
-    if method_cfg.kind == "head":
+        model = peft.PeftModel.from_pretrained(base_model, ckpt_dir)
+        tuner = model.base_model
+        if isinstance(tuner, peft.AdaLoraModel) and not hasattr(tuner, "trainable_adapter_name"):
+            # peft's AdaLoRA adds its orthogonality regularizer to every loss it sees, reading the adapter's name
+            # from an attribute it sets only for a trainable adapter: a reloaded one fails on any batch with labels
+            # (huggingface/peft#571, fixed only for batches without labels)
+            tuner.trainable_adapter_name = model.active_adapter
+        return model
+    if method_cfg.kind in PARTIAL_KINDS:
         from safetensors.torch import load_file
-        base_model.load_state_dict(load_file(Path(ckpt_dir) / "head.safetensors"), strict=False)
+        state = load_file(Path(ckpt_dir) / f"{method_cfg.kind}.safetensors")
+        unexpected = base_model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise BenchError(f"{ckpt_dir}: tensors that are not in {type(base_model).__name__}: {unexpected[:5]}")
         return base_model
     return type(base_model).from_pretrained(ckpt_dir)
 

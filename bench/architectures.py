@@ -1,0 +1,126 @@
+"""Per-architecture defaults for `model=hf`: the head, the modules kept out of quantization and the target modules
+of every role, read from the model's config.json, for whatever a model YAML leaves as `${arch:<role>}`.
+
+conf/model/hf.yaml writes `attention: ${arch:attention}`; the method YAMLs read `${model.target_modules.attention}`,
+so `model=hf model.name_or_path=Qwen/Qwen2.5-0.5B method=lora` trains q_proj and v_proj without further overrides,
+and a YAML or command-line value (`model.target_modules.attention=[q_proj,k_proj,v_proj]`) replaces the default.
+The values are resolved when the config is (`OmegaConf.resolve`, the MLflow params, the run key), so every run
+records the modules it actually targeted.
+
+- attention, ia3, ia3_feedforward, layer_norm: peft's own per-model mappings (the lists peft itself falls back on
+  for LoRA, IA3 and LN-tuning; `peft.utils.TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING`), where peft has an
+  entry for the model type; else the family's value below.
+- adapter_houlsby, adapter_pfeiffer, adapter_parallel: the bottleneck-adapter sites of the family (see
+  bench/methods/bottleneck.py for what each wrapper computes).
+- head_modules: the model's top-level modules with parameters outside its backbone (`classifier` for BERT-style
+  encoders, `score` for decoders); quant_skip_modules: those plus `pooler` where the backbone has one.
+
+A model type outside FAMILIES resolves to null; bench.config.check_model then names the key to set.
+"""
+from __future__ import annotations
+
+import functools
+
+from omegaconf import ListConfig, OmegaConf
+
+# BERT-style post-LN encoders: every sublayer ends in an `*.output` module holding dense, dropout and LayerNorm
+ENCODER = {
+    "attention": ["query", "value"],
+    "ia3": r".*\.(key|value|layer\.\d+\.output\.dense)",
+    "ia3_feedforward": r".*\.layer\.\d+\.output\.dense",
+    "layer_norm": ["LayerNorm"],
+    "adapter_houlsby": r".*\.(attention\.output|layer\.\d+\.output)",   # after attention and after the FFN
+    "adapter_pfeiffer": r".*\.layer\.\d+\.output",                      # after the FFN only
+    "adapter_parallel": r".*\.layer\.\d+\.output",                      # beside the FFN
+}
+# Llama-style pre-norm decoders: layers.N.self_attn and layers.N.mlp, the residual added by the decoder layer
+DECODER = {
+    "attention": ["q_proj", "v_proj"],
+    "ia3": r".*\.(k_proj|v_proj|down_proj)",
+    "ia3_feedforward": r".*\.down_proj",
+    "layer_norm": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "adapter_houlsby": r".*\.layers\.\d+\.(self_attn|mlp)",
+    "adapter_pfeiffer": r".*\.layers\.\d+\.mlp",
+    "adapter_parallel": r".*\.layers\.\d+\.mlp",
+}
+# GPT-2: h.N.attn and h.N.mlp (Conv1D projections), pre-norm ln_1 / ln_2
+GPT2 = {
+    "attention": ["c_attn"],
+    "ia3": r".*\.(c_attn|mlp\.c_proj)",
+    "ia3_feedforward": r".*\.mlp\.c_proj",
+    "layer_norm": ["ln_1", "ln_2", "ln_f"],
+    "adapter_houlsby": r".*\.h\.\d+\.(attn|mlp)",
+    "adapter_pfeiffer": r".*\.h\.\d+\.mlp",
+    "adapter_parallel": r".*\.h\.\d+\.mlp",
+}
+FAMILIES = {
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2"), ENCODER),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), DECODER),
+    "gpt2": GPT2,
+}
+TARGET_ROLES = tuple(ENCODER)
+ROLES = (*TARGET_ROLES, "head_modules", "quant_skip_modules")
+PEFT_MAPPING = {"attention": "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+                "ia3": "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
+                "ia3_feedforward": "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING",
+                "layer_norm": "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING"}
+
+
+def target_default(role: str, model_type: str):
+    """The default target modules of `role` for `model_type`: peft's mapping, else the family's; None if neither."""
+    if role in PEFT_MAPPING:
+        import peft.utils
+        mapped = getattr(peft.utils, PEFT_MAPPING[role]).get(model_type)
+        if mapped:
+            return list(mapped)
+    family = FAMILIES.get(model_type)
+    return family[role] if family else None
+
+
+def head_default(model) -> list[str]:
+    """Top-level modules of a sequence classifier that hold parameters and are not its backbone."""
+    backbone = getattr(model, "base_model_prefix", "")
+    return [name for name, child in model.named_children()
+            if name != backbone and any(True for _ in child.parameters())]
+
+
+def quant_skip_default(model) -> list[str]:
+    pooler = any(name.rsplit(".", 1)[-1] == "pooler" for name, _ in model.named_modules())
+    return head_default(model) + (["pooler"] if pooler else [])
+
+
+@functools.cache
+def _defaults(source: str, trust_remote_code: bool) -> dict:
+    from bench import config
+    model = config._meta_model(source, trust_remote_code)
+    model_type = model.config.model_type
+    out = {role: target_default(role, model_type) for role in TARGET_ROLES}
+    out.update(head_modules=head_default(model), quant_skip_modules=quant_skip_default(model), model_type=model_type)
+    return out
+
+
+def defaults(model_cfg) -> dict | None:
+    """Every role's default for this model YAML's model, or None when its config.json cannot be read (validation,
+    bench.config.check_model, reports that as one line)."""
+    from bench import config
+    try:
+        source = config._config_source(model_cfg)
+        return None if source is None else _defaults(source, bool(model_cfg.trust_remote_code))
+    except Exception:  # no config.json, hub unreachable, name_or_path unset: reported by validation
+        return None
+
+
+def _resolve(role: str, *, _root_):
+    if role not in ROLES:
+        raise ValueError(f"${{arch:{role}}}: unknown role; valid: {', '.join(ROLES)}")
+    found = defaults(_root_.model)
+    value = None if found is None else found[role]
+    return ListConfig(value) if isinstance(value, list) else value  # OmegaConf.resolve() cannot store a plain list
+
+
+def model_type(model_cfg) -> str | None:
+    found = defaults(model_cfg)
+    return None if found is None else found["model_type"]
+
+
+OmegaConf.register_new_resolver("arch", _resolve, replace=True)
