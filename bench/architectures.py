@@ -23,42 +23,27 @@ import functools
 
 from omegaconf import ListConfig, OmegaConf
 
-# BERT-style post-LN encoders: every sublayer ends in an `*.output` module holding dense, dropout and LayerNorm
-ENCODER = {
-    "attention": ["query", "value"],
-    "ia3": r".*\.(key|value|layer\.\d+\.output\.dense)",
-    "ia3_feedforward": r".*\.layer\.\d+\.output\.dense",
-    "layer_norm": ["LayerNorm"],
-    "adapter_houlsby": r".*\.(attention\.output|layer\.\d+\.output)",   # after attention and after the FFN
-    "adapter_pfeiffer": r".*\.layer\.\d+\.output",                      # after the FFN only
-    "adapter_parallel": r".*\.layer\.\d+\.output",                      # beside the FFN
+# role: (BERT-style post-LN encoder, Llama-style pre-norm decoder, GPT-2). Encoders end every sublayer in an `*.output`
+# module holding dense, dropout and LayerNorm; decoders have layers.N.self_attn and layers.N.mlp (GPT-2: h.N.attn
+# and h.N.mlp, Conv1D projections), the residual added by the decoder layer.
+SITES = {
+    "attention": (["query", "value"], ["q_proj", "v_proj"], ["c_attn"]),
+    "ia3": (r".*\.(key|value|layer\.\d+\.output\.dense)", r".*\.(k_proj|v_proj|down_proj)", r".*\.(c_attn|mlp\.c_proj)"),
+    "ia3_feedforward": (r".*\.layer\.\d+\.output\.dense", r".*\.down_proj", r".*\.mlp\.c_proj"),
+    "layer_norm": (["LayerNorm"], ["input_layernorm", "post_attention_layernorm", "norm"], ["ln_1", "ln_2", "ln_f"]),
+    # bottleneck adapters: after attention and after the FFN (Houlsby); after / beside the FFN (Pfeiffer, parallel)
+    "adapter_houlsby": (r".*\.(attention\.output|layer\.\d+\.output)", r".*\.layers\.\d+\.(self_attn|mlp)",
+                        r".*\.h\.\d+\.(attn|mlp)"),
+    "adapter_pfeiffer": (r".*\.layer\.\d+\.output", r".*\.layers\.\d+\.mlp", r".*\.h\.\d+\.mlp"),
+    "adapter_parallel": (r".*\.layer\.\d+\.output", r".*\.layers\.\d+\.mlp", r".*\.h\.\d+\.mlp"),
 }
-# Llama-style pre-norm decoders: layers.N.self_attn and layers.N.mlp, the residual added by the decoder layer
-DECODER = {
-    "attention": ["q_proj", "v_proj"],
-    "ia3": r".*\.(k_proj|v_proj|down_proj)",
-    "ia3_feedforward": r".*\.down_proj",
-    "layer_norm": ["input_layernorm", "post_attention_layernorm", "norm"],
-    "adapter_houlsby": r".*\.layers\.\d+\.(self_attn|mlp)",
-    "adapter_pfeiffer": r".*\.layers\.\d+\.mlp",
-    "adapter_parallel": r".*\.layers\.\d+\.mlp",
-}
-# GPT-2: h.N.attn and h.N.mlp (Conv1D projections), pre-norm ln_1 / ln_2
-GPT2 = {
-    "attention": ["c_attn"],
-    "ia3": r".*\.(c_attn|mlp\.c_proj)",
-    "ia3_feedforward": r".*\.mlp\.c_proj",
-    "layer_norm": ["ln_1", "ln_2", "ln_f"],
-    "adapter_houlsby": r".*\.h\.\d+\.(attn|mlp)",
-    "adapter_pfeiffer": r".*\.h\.\d+\.mlp",
-    "adapter_parallel": r".*\.h\.\d+\.mlp",
-}
+ENCODER, DECODER, GPT2 = ({role: sites[i] for role, sites in SITES.items()} for i in range(3))
 FAMILIES = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2"), ENCODER),
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3"), DECODER),
     "gpt2": GPT2,
 }
-TARGET_ROLES = tuple(ENCODER)
+TARGET_ROLES = tuple(SITES)
 ROLES = (*TARGET_ROLES, "head_modules", "quant_skip_modules")
 PEFT_MAPPING = {"attention": "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
                 "ia3": "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
