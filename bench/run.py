@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,8 @@ from bench import metrics as M
 from bench.config import validate
 from bench.errors import BenchError
 from bench.faults import die_with_parent, is_out_of_memory, raise_on_signals
+from bench.files import atomic_path
+from bench.fmt import error_line
 from bench.measure import Meter, grad_bytes, weights_bytes
 from bench.track import Tracker, provenance, run_name
 
@@ -42,9 +43,9 @@ class Result:
     def write(self, out_dir: Path) -> Path:
         """result.json, written atomically (temp file, then rename)."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        path, tmp = out_dir / "result.json", out_dir / ".result.json.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        path = out_dir / "result.json"
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
         return path
 
     @classmethod
@@ -57,9 +58,8 @@ def write_predictions(predictions, out_dir: Path) -> Path:
     """The test predictions (index, label, prediction) as out_dir/predictions/test.parquet, written atomically."""
     path = Path(out_dir) / M.PREDICTIONS_ARTIFACT
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    predictions.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        predictions.to_parquet(tmp, index=False)
     return path
 
 
@@ -69,10 +69,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise BenchError("device: cuda requested but no CUDA device is available; valid here: auto, cpu")
     return torch.device(name)
-
-
-def error_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}".splitlines()[0][:1000] if str(e) else type(e).__name__
 
 
 def run(cfg, out_dir: Path, *, run_id: str | None = None, tracker: Tracker | None = None,

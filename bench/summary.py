@@ -13,17 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import metrics as M
+from bench.fmt import human_bytes
 from bench.run import Result
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def table(results: list[Result]) -> Table:

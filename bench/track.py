@@ -28,6 +28,8 @@ from omegaconf import OmegaConf
 
 from bench import metrics as M
 from bench.errors import BenchError
+from bench.files import lock
+from bench.fmt import error_line
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "mlflow", "optuna", "hydra-core")
 SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")  # never log values under such keys
@@ -114,21 +116,13 @@ def provenance(device: torch.device) -> dict[str, str]:
     return tags
 
 
-@contextlib.contextmanager
 def _store_lock(uri: str):
     """Inter-process lock around opening a SQLite store: MLflow creates and migrates a new store's tables
     without one, and parallel first opens leave it half-migrated ("table ... already exists")."""
     if not uri.startswith("sqlite:"):
-        yield
-        return
-    import fcntl
+        return contextlib.nullcontext()
     digest = hashlib.sha256(os.path.abspath(uri.removeprefix("sqlite:///")).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"peft-bench-store-{digest}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return lock(Path(tempfile.gettempdir()) / f"peft-bench-store-{digest}.lock")
 
 
 def _artifact_root(uri: str, experiment: str) -> str | None:
@@ -180,7 +174,8 @@ class Tracker:
                     self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{COMPARE_VIEW}",
                                                    compare_view())
         except MlflowException as e:
-            raise BenchError(f"tracking.uri: cannot open the MLflow store {uri}: {str(e).splitlines()[0]}") from e
+            raise BenchError(f"tracking.uri: cannot open the MLflow store {uri}: "
+                             f"{error_line(e, with_type=False)}") from e
 
     def start(self, cfg, extra_tags: dict | None = None) -> str:
         """Open a RUNNING run named method-task-model-seed with the filter tags, its run_key and the process

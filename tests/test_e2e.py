@@ -86,3 +86,28 @@ def test_in_process_run_logs_everything_and_failure_is_marked(tiny_overrides, tm
     client, found = runs(cfg.tracking.uri)
     failed = [r for r in found if r.info.status == "FAILED"]
     assert len(failed) == 1 and "at step" in failed[0].data.tags["error"]
+
+
+def test_multirun_flag_between_overrides(tiny_overrides, tmp_path):
+    """`python -m bench seed=0,1 -m <overrides>`: -m between overrides runs both jobs (issue 10; -m last: the slow
+    tests above and in test_reliability.py; every order of flags and overrides: test_reliability.py)."""
+    uri = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("tracking.uri="))
+    rest = [o for o in tiny_overrides if not o.startswith(("train.max_steps=", "train.eval_every="))]
+    cmd = [sys.executable, "-m", "bench", "seed=0,1", "-m", *rest, "train.max_steps=4", "train.eval_every=null",
+           f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _, found = runs(uri)
+    assert sorted((r.data.tags["seed"], r.info.status) for r in found) == [("0", "FINISHED"), ("1", "FINISHED")]
+    assert all(r.data.params["train.max_steps"] == "4" for r in found)   # an override after -m reached each job
+
+
+def test_unknown_flag_is_one_line_and_exit_code_2(tmp_path):
+    """An unknown flag anywhere: one line (not argparse's whole usage), exit code 2, and nothing runs."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "seed=0,1", "--frobnicate", "-m"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: unrecognized arguments: --frobnicate;") and proc.stderr.count("\n") == 1, \
+        proc.stderr
+    assert not proc.stdout and not list(tmp_path.iterdir())   # nothing ran: no store, no job folders

@@ -13,17 +13,15 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from bench.errors import BenchError
+from bench.files import atomic_path
 
 # kinds that keep the backbone as loaded and save only the tensors that trained, as <kind>.safetensors
 PARTIAL_KINDS = ("head", "freeze", "bitfit")
@@ -185,19 +183,14 @@ def save(model, method_cfg, out_dir: Path) -> int:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_path(out_dir) as tmp:  # a crash never leaves a half-written checkpoint under the final name
+        tmp.mkdir(mode=0o700)
         if method_cfg.kind in PARTIAL_KINDS:
             from safetensors.torch import save_file
             state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(state, tmp / f"{method_cfg.kind}.safetensors")
         else:
             model.save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)  # a crash never leaves a half-written checkpoint under the final name
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return checkpoint_bytes(out_dir)
 
 

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from bench import metrics as M
 from bench.errors import BenchError
+from bench.fmt import error_line
 from bench.report import predictions
 from bench.report.stats import Estimate, PairedTest, mean_ci, pareto_front, wilson
 
@@ -206,8 +207,7 @@ def _read_mlflow(uri: str, experiments: list[str]) -> list[RunRecord]:
     try:
         known = {e.name: e.experiment_id for e in client.search_experiments()}
     except Exception as e:  # unreachable server, wrong scheme, unreadable file: one line, not a traceback
-        raise BenchError(f"--tracking-uri: cannot read {uri}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise BenchError(f"--tracking-uri: cannot read {uri}: {error_line(e)}") from None
     missing = [name for name in experiments if name not in known]
     if missing:
         raise _unknown(missing, list(known), uri)

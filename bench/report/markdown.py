@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench import metrics as M
+from bench.fmt import human_bytes
 from bench.report.data import ACCURACY, Data, Group, Row
 from bench.report.stats import N_RESAMPLES, RESOLUTION, PairedTest, cost_spread, costs_apart
 from bench.report.sweeps import Study
@@ -77,16 +78,6 @@ def _sampling(row: Row) -> str:
 
 def _mib(v: float | None) -> str:
     return "-" if v is None else f"{v / 2**20:,.0f} MiB"
-
-
-def _bytes(v: float | None) -> str:
-    if v is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if v < 1024 or unit == "GiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return str(v)
 
 
 def _secs(v: float | None) -> str:
@@ -170,7 +161,7 @@ def _table(group: Group) -> list[str]:
                  "-" if tp is None else f"{tp:.3g}",
                  *(_mib(m[k]) + _ratio(m[k], rm.get(k)) for k in memory),
                  _secs(m[M.TIME_TRAIN]) + _ratio(m[M.TIME_TRAIN], rm.get(M.TIME_TRAIN)),
-                 _bytes(m[M.CKPT_BYTES]) + _ratio(m[M.CKPT_BYTES], rm.get(M.CKPT_BYTES)),
+                 human_bytes(m[M.CKPT_BYTES]) + _ratio(m[M.CKPT_BYTES], rm.get(M.CKPT_BYTES)),
                  "-" if tput is None else f"{tput:,.0f} tok/s",
                  ", ".join(row.pareto) or "-"]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
@@ -305,7 +296,7 @@ def _selection(group: Group) -> list[str]:
     tiers = _memory_tiers(group)
     if tiers:
         lines += _budget_table(group, tiers)
-    for metric, what, fmt in ((M.CKPT_BYTES, "Smallest checkpoint", _bytes), (M.TIME_TRAIN, "Fastest", _secs)):
+    for metric, what, fmt in ((M.CKPT_BYTES, "Smallest checkpoint", human_bytes), (M.TIME_TRAIN, "Fastest", _secs)):
         line = _cheapest_line(group, best, metric, what, fmt)
         if line:
             lines.append(line)

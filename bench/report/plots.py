@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from bench import metrics as M  # noqa: E402
+from bench.fmt import human_bytes  # noqa: E402
 from bench.report.data import ACCURACY, Group  # noqa: E402
 
 # x axis per cost: (label, scale, log); memory is the group's method-separating figure (data.Group.memory_metric)
@@ -22,14 +23,6 @@ AXES = {M.MEM_TRAIN_GROWTH: ("train growth (MiB)", 1 / 2**20, False),
         M.CKPT_BYTES: ("checkpoint size (bytes, log scale)", 1.0, True),
         M.TIME_TRAIN: ("train time (s)", 1.0, False)}
 FRONT, OTHER = "#c0392b", "#2c7fb8"
-
-
-def _bytes_label(v: float, _pos=None) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if v < 1024 or unit == "GiB":
-            return f"{v:.0f} {unit}" if v >= 10 or unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return f"{v:.0f}"
 
 
 def _save(fig, path: Path) -> None:
@@ -64,7 +57,7 @@ def group_plot(group: Group, path: Path) -> None:
         if log:
             ax.set_xscale("log", base=2)  # ticks at KiB/MiB powers of two, at most ~7 of them
             ax.xaxis.set_major_locator(LogLocator(base=2, numticks=7))
-            ax.xaxis.set_major_formatter(FuncFormatter(_bytes_label))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(v, short=True)))
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels would be mathtext: slow and crowded
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")

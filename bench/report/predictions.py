@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from bench.fmt import error_line
 from bench.metrics import PREDICTIONS_ARTIFACT
 from bench.report.stats import PairedTest, mcnemar_test, paired_bootstrap
 
@@ -102,8 +103,7 @@ class Reader:
             except Exception as e:
                 missing = isinstance(e, MlflowException) and e.error_code == "RESOURCE_DOES_NOT_EXIST"
                 if not missing:
-                    first = str(e).splitlines()[0] if str(e) else ""
-                    self.remote_error = f"{type(e).__name__}: {first}"[:200]
+                    self.remote_error = error_line(e)[:200]
                 return None
             return read_answers(Path(path))
 

@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from bench import metrics as M
 from bench.errors import BenchError
+from bench.fmt import error_line
 
 KEYS = ("study", "overrides", "objective", "trials", "search_space", "derived", "sampler", "pruner", "plot")
 PARAM_TYPES = ("categorical", "int", "float")
@@ -194,7 +195,7 @@ def load(path: str | Path) -> Sweep:
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise BenchError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise BenchError(f"{path}: not valid YAML: {error_line(e, with_type=False)}") from None
     if not isinstance(doc, dict):
         raise BenchError(f"{path}: must be a mapping with keys {', '.join(KEYS)}")
     unknown = set(doc) - set(KEYS)

@@ -12,7 +12,6 @@ pruning or choosing the best trial.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import math
 import os
@@ -25,13 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-import psutil
 from optuna.trial import TrialState
 from rich.console import Console
 from rich.markup import escape
 
 from bench import metrics as M
+from bench import procs
 from bench.errors import BenchError
+from bench.files import lock
+from bench.fmt import error_line
 from bench.sweep import spec as sweep_spec
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -89,7 +90,6 @@ def open_storage(storage: str):
     return JournalStorage(JournalFileBackend(storage))
 
 
-@contextlib.contextmanager
 def sweep_lock(storage: str):
     """One process at a time counts trials and asks for the next one (and creates the study / parent run).
     flock: the kernel releases it when its holder dies, even by SIGKILL."""
@@ -97,17 +97,12 @@ def sweep_lock(storage: str):
         path = Path(tempfile.gettempdir()) / f"peft-bench-sweep-{hashlib.sha1(storage.encode()).hexdigest()[:12]}.lock"
     else:
         path = Path(f"{storage}.sweep-lock")   # not <storage>.lock: that name is the journal's own lock
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return lock(path)
 
 
 def worker_id() -> str:
     """host:pid:start time; the start time tells a live worker from a later process that reused its pid."""
-    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
+    return f"{socket.gethostname()}:{os.getpid()}:{procs.start_time()}"
 
 
 def worker_alive(owner: str | None) -> bool:
@@ -116,11 +111,7 @@ def worker_alive(owner: str | None) -> bool:
     host, pid, started = owner.rsplit(":", 2)
     if host != socket.gethostname():
         return True    # another machine's worker: not ours to judge
-    try:
-        p = psutil.Process(int(pid))
-        return abs(p.create_time() - float(started)) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return False
+    return procs.alive(pid, started)
 
 
 def load_study(job: Job, sweep, sampler=None, pruner=None) -> optuna.Study:
@@ -220,7 +211,7 @@ def short(v) -> str:
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, sweep, job: Job, tracker) -> tuple[TrialState, str]:
     """One trial = one normal run (bench.run.run) with the trial's values as overrides."""
-    from bench.run import error_line, run
+    from bench.run import run
     from bench.track import run_name
 
     values = sweep.run_overrides(trial.params)

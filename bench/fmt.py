@@ -1,0 +1,26 @@
+"""Text for people: byte counts in binary units (B, KiB, MiB, GiB) and an exception as one line."""
+from __future__ import annotations
+
+UNITS = ("B", "KiB", "MiB", "GiB")
+MAX_ERROR_CHARS = 1000  # an error line also goes into MLflow tags and trial attributes: keep it bounded
+
+
+def human_bytes(n: float | None, short: bool = False) -> str:
+    """n bytes as B, KiB, MiB or GiB with one decimal (none in B; short: none from 10 up); '-' for None."""
+    if n is None:
+        return "-"
+    for unit in UNITS:
+        if abs(n) < 1024 or unit == UNITS[-1]:
+            break
+        n /= 1024
+    decimals = 0 if unit == "B" or (short and abs(n) >= 10) else 1
+    return f"{n:.{decimals}f} {unit}"
+
+
+def error_line(e: BaseException, with_type: bool = True) -> str:
+    """'Type: first line of the message' (with_type=False: the line alone); the type's name if there is no message."""
+    text = str(e)
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0]
+    return (f"{type(e).__name__}: {line}" if with_type else line)[:MAX_ERROR_CHARS]
