@@ -73,6 +73,7 @@ def worker_of(uri: str, seed: int, need_metric: str | None = None) -> int | None
 
 # --- resume after SIGKILL --------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # about 1 min: two real multiruns of the CLI
 def test_sigkill_mid_multirun_then_rerun_finishes_every_run_once(cli, tmp_path):
     argv, uri = cli
     cmd = [*argv, "seed=0,1", "train.max_steps=20", "-m"]
