@@ -129,7 +129,7 @@ def run(cfg, out_dir: Path, *, run_id: str | None = None, tracker: Tracker | Non
         result.metrics = metrics
         result.tags = {"mem_source": "cuda_allocated" if device.type == "cuda"
                        else ("rss_phase_peak" if meter.rss_resettable else "rss_lifetime_peak")}
-        logged = {M.TRAIN_LOSS, *M.VAL_PERIODIC}  # already in the store with their step history (train.fit)
+        logged = set(M.HISTORY)  # already in the store with their step history (train.fit)
         tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in logged},
                             step=int(metrics[M.TRAIN_STEPS]))
         tracker.set_tags(run_id, result.tags)

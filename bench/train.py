@@ -52,8 +52,9 @@ def train_batches(ds, batch_size: int, seed: int) -> Iterator[list[int]]:
 @torch.no_grad()
 def evaluate(model, ds, tokenizer, batch_size: int, num_labels: int, device,
              split: str = "val") -> tuple[dict[str, float], pd.DataFrame]:
-    """<split>/accuracy and <split>/f1_macro (scikit-learn) and <split>/loss (mean cross-entropy) on the whole
-    split, and the per-example predictions: columns index (the example's row in its split), label, prediction."""
+    """Accuracy and macro-F1 (scikit-learn) and mean cross-entropy on the whole split, named M.SCORES[split]
+    (split "val": val/*, "test": test/*), and the per-example predictions: columns index (the example's row in
+    its split), label, prediction."""
     model.eval()
     rows = ds.to_list()
     index = [r.pop("index") for r in rows] if rows and "index" in rows[0] else list(range(len(rows)))
@@ -66,10 +67,10 @@ def evaluate(model, ds, tokenizer, batch_size: int, num_labels: int, device,
         loss_sum += out.loss.item() * len(chunk)
         preds[chunk] = out.logits.argmax(-1).cpu().numpy()
     labels = np.array([r["labels"] for r in rows], dtype=np.int64)
-    scores = {f"{split}/accuracy": accuracy_score(labels, preds),
-              f"{split}/f1_macro": f1_score(labels, preds, average="macro", labels=list(range(num_labels)),
-                                            zero_division=0),
-              f"{split}/loss": loss_sum / len(rows)}
+    accuracy, f1_macro, loss = M.SCORES[split]
+    scores = {accuracy: accuracy_score(labels, preds),
+              f1_macro: f1_score(labels, preds, average="macro", labels=list(range(num_labels)), zero_division=0),
+              loss: loss_sum / len(rows)}
     return scores, pd.DataFrame({"index": np.asarray(index, dtype=np.int64), "label": labels, "prediction": preds})
 
 

@@ -24,10 +24,10 @@ LISTED = 20       # provenance names at most this many runs per line
 
 HOW_TO_READ = (
     f"**How to read it.** The headline is test accuracy (`{ACCURACY}`), in %: every run scores the task's test "
-    "split once, at its end, with the model selected on the validation split (`val/*`); nothing is selected on "
-    "the test split. Each row shows two sources of noise. *Seeds*: the mean over seeds ± the half-width of its "
-    "95 % confidence interval (Student t, n − 1 degrees of freedom); one seed (n=1) shows no interval; an "
-    "interval wider than the accuracy itself means the seeds disagree wildly (an unstable method or setting). "
+    f"split once, at its end, with the model selected on the validation split (`{M.VAL_PREFIX}*`); nothing is "
+    "selected on the test split. Each row shows two sources of noise. *Seeds*: the mean over seeds ± the half-width of "
+    "its 95 % confidence interval (Student t, n − 1 degrees of freedom); one seed (n=1) shows no interval; an interval "
+    "wider than the accuracy itself means the seeds disagree wildly (an unstable method or setting). "
     "*Test sampling*: the Wilson score 95 % interval of the pooled accuracy (the row's correct answers over all "
     "its answers) with n = the number of distinct test examples. Every seed answers the same test questions, so "
     "pooling seeds adds no independent questions and n is not multiplied by the seeds: this interval is how far "
@@ -38,10 +38,10 @@ HOW_TO_READ = (
     f"{N_RESAMPLES:,} resamples draws seeds and examples with replacement, the same ones for both methods, and "
     "takes the difference of mean accuracy) whose 95 % interval of the difference contains 0. Where a run's "
     "predictions are missing the report says *paired test unavailable* and claims nothing. Memory: on CPU the "
-    "figure that separates methods is *train growth* (`mem/train_growth_bytes`: peak resident memory during "
+    f"figure that separates methods is *train growth* (`{M.MEM_TRAIN_GROWTH}`: peak resident memory during "
     "training minus the resident memory right before the first step, i.e. gradients, optimizer state and "
-    "activations), shown next to *peak train (process)* (`mem/peak_train_bytes`, the whole process's peak, "
-    "weights and libraries included); on CUDA it is *peak train (allocated)* (`mem/peak_train_bytes`, peak "
+    f"activations), shown next to *peak train (process)* (`{M.MEM_PEAK_TRAIN}`, the whole process's peak, "
+    f"weights and libraries included); on CUDA it is *peak train (allocated)* (`{M.MEM_PEAK_TRAIN}`, peak "
     "allocated). Budgets, the memory Pareto frontier and the selection use the separating figure. A cost's "
     "*run-to-run spread* is its max − min over a row's seeds (one seed: "
     f"{100 * RESOLUTION:.0f} % of the figure, a stated resolution); two rows' costs are *within measurement "
@@ -329,7 +329,7 @@ def _group_section(group: Group, plot: str | None) -> list[str]:
 def _sweeps_section(studies: list[Study], plots: dict[str, str]) -> list[str]:
     lines = ["## Sweeps", "", "Sweep trials (runs tagged `study`) are kept out of the method tables above: their "
              "settings are chosen by the search, so they are summarized per study instead. A study selects on its "
-             "objective (a `val/*` metric, or a cost); the best trial's "
+             f"objective (a `{M.VAL_PREFIX}*` metric, or a cost); the best trial's "
              f"`{ACCURACY}` is the one test evaluation of the chosen configuration, shown beside the objective and "
              "never used for selection.", "",
              "| study | objective | trials finished | failed | pruned / killed | running | best value | "

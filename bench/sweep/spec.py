@@ -3,7 +3,8 @@
 Schema (README: Sweeps):
     study: name                      # optional; default: the file's stem
     overrides: [method=lora, ...]    # base run overrides, as on the `python -m bench` command line
-    objective: {metric: val/accuracy, direction: maximize}   # a val/* metric or a cost (see OBJECTIVES)
+    objective: {metric: val/accuracy, direction: maximize}   # a val/* metric or a cost (see OBJECTIVES);
+                                     # direction defaults to the metric's own (DEFAULT_DIRECTION)
     trials: 30                       # finished (COMPLETE + PRUNED) trials to reach; --trials overrides
     search_space:                    # name -> {type: categorical|int|float, ...}
       method.r: {type: categorical, choices: [2, 4, 8]}
@@ -34,11 +35,14 @@ from bench.fmt import error_line
 KEYS = ("study", "overrides", "objective", "trials", "search_space", "derived", "sampler", "pruner", "plot")
 PARAM_TYPES = ("categorical", "int", "float")
 DIRECTIONS = ("maximize", "minimize")
-# What a sweep may select on (bench/metrics.py: the protocol). Selection uses the validation split; the test
-# split is scored once per run, after selection, so a test/* objective would select on test data. Costs are
-# measured on the run itself. The periodic evaluation reports VAL_PERIODIC at each eval step: pruning needs one.
-OBJECTIVES = (*M.VAL_PERIODIC, M.VAL_BEST_ACCURACY, *M.COSTS)
+# What a sweep may select on, from the registry (bench/metrics.py: the protocol): the validation metrics with a
+# direction (one way is better), and the costs. Selection uses the validation split; the test split is scored
+# once per run, after selection, so a test/* objective would select on test data. Costs are measured on the run
+# itself. The periodic evaluation reports VAL_PERIODIC at each eval step: pruning needs one.
+OBJECTIVES = (*(n for n in M.names(phase="validation") if M.REGISTRY[n].direction), *M.COSTS)
 DEFAULT_OBJECTIVE = M.VAL_ACCURACY
+# an objective's direction when the sweep file names none: the metric's own
+DEFAULT_DIRECTION = {n: {"max": "maximize", "min": "minimize"}[M.REGISTRY[n].direction] for n in OBJECTIVES}
 
 
 def check_objective(where: str, metric) -> None:
@@ -46,15 +50,16 @@ def check_objective(where: str, metric) -> None:
     if metric in OBJECTIVES:
         return
     valid = f"valid: {', '.join(OBJECTIVES)}"
-    if metric in M.TEST or str(metric).startswith("test/"):
+    if metric in M.TEST or str(metric).startswith(M.TEST_PREFIX):
         raise BenchError(f"{where}: {metric} is a test metric; sweeps select on validation (test data is scored "
                          f"once, after selection); {valid}")
-    if str(metric).startswith("eval/"):
-        renamed = "val/" + str(metric)[len("eval/"):]
-        what = f"{metric} was renamed" if renamed in OBJECTIVES else f"{metric}: the eval/* metrics were renamed"
-        hint = f" ({renamed})" if renamed in OBJECTIVES else " (val/*)"
+    if str(metric).startswith(M.OLD_VAL_PREFIX):
+        renamed = M.VAL_PREFIX + str(metric)[len(M.OLD_VAL_PREFIX):]
+        what = (f"{metric} was renamed" if renamed in OBJECTIVES
+                else f"{metric}: the {M.OLD_VAL_PREFIX}* metrics were renamed")
+        hint = f" ({renamed})" if renamed in OBJECTIVES else f" ({M.VAL_PREFIX}*)"
         raise BenchError(f"{where}: {what}: periodic evaluation now runs on the validation split{hint}; {valid}")
-    raise BenchError(f"{where}: {metric!r} is not a sweep objective (a val/* metric or a cost); {valid}")
+    raise BenchError(f"{where}: {metric!r} is not a sweep objective (a {M.VAL_PREFIX}* metric or a cost); {valid}")
 
 
 class NoStopGridSampler(optuna.samplers.GridSampler):
@@ -209,8 +214,8 @@ def load(path: str | Path) -> Sweep:
     if not isinstance(objective, dict):
         raise BenchError(f"{path}: objective: must be {{metric: METRIC, direction: maximize|minimize}}")
     metric = objective.get("metric", DEFAULT_OBJECTIVE)
-    direction = objective.get("direction", "maximize")
     check_objective(f"{path}: objective.metric", metric)
+    direction = objective.get("direction", DEFAULT_DIRECTION[metric])
     if direction not in DIRECTIONS:
         raise BenchError(f"{path}: objective.direction: {direction!r}; valid: {', '.join(DIRECTIONS)}")
 

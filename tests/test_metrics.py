@@ -1,0 +1,139 @@
+"""The metric registry (bench/metrics.py) against what documents it (the README) and what logs it (a real run)."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from bench import metrics as M
+from bench.run import run
+from bench.sweep import spec
+from tests.conftest import ROOT, compose
+
+README = ROOT / "README.md"
+CPU_METRICS = M.names(cuda_only=False)   # what a CPU run logs to MLflow (final values and step histories)
+
+
+def section(title: str) -> str:
+    """The README's `## title` section, up to the next `## ` heading."""
+    text = README.read_text()
+    assert f"\n## {title}\n" in text, f"README.md has no section '## {title}'"
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def first_table(text: str) -> list[str]:
+    """The body rows (header and separator dropped) of the first Markdown table in text."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows[2:]
+
+
+def code_spans(text: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", text)
+
+
+def readme_metric_rows() -> dict[str, list[str]]:
+    """First-column metric names of the table *What every run records in MLflow*, each with its row."""
+    rows = first_table(section("What every run records in MLflow"))
+    assert rows, "the metric table is empty"
+    names: dict[str, list[str]] = {}
+    for row in rows:
+        cell = row.split("|")[1]
+        found = code_spans(cell)
+        assert found, f"a row names no metric in its first column: {row[:80]}"
+        for name in found:
+            names.setdefault(name, []).append(row[:60])
+    return names
+
+
+def test_readme_metric_table_and_registry_name_the_same_metrics():
+    documented = readme_metric_rows()
+    assert not {n: r for n, r in documented.items() if len(r) > 1}, "a metric in two rows of the README table"
+    undocumented = [n for n in M.REGISTRY if n not in documented]
+    unregistered = [n for n in documented if n not in M.REGISTRY]
+    assert not undocumented, f"in bench/metrics.py but not in the README's metric table: {undocumented}"
+    assert not unregistered, f"in the README's metric table but not in bench/metrics.py: {unregistered}"
+
+
+def test_readme_sweep_objectives_are_the_registry_objectives():
+    """The README's `objective` row of the sweep-file table lists exactly what spec.OBJECTIVES allows."""
+    row = next((line for line in section("Sweeps").splitlines() if line.startswith("| `objective` |")), None)
+    assert row is not None, "README: no `objective` row in the sweep-file table"
+    listed = [n for n in code_spans(row) if n in M.REGISTRY]
+    assert set(listed) == set(spec.OBJECTIVES), (set(listed) ^ set(spec.OBJECTIVES))
+
+
+def test_registry_declarations():
+    for name, m in M.REGISTRY.items():
+        assert m.name == name and m.unit in M.UNITS and m.phase in M.PHASES and m.direction in M.DIRECTIONS
+        assert m.definition and "\n" not in m.definition and len(m.definition) <= 200, name
+    # every name is a module constant and every metric-name constant is a registry entry
+    constants = {v for k, v in vars(M).items() if k.isupper() and isinstance(v, str) and "/" in v
+                 and k not in ("PREDICTIONS_ARTIFACT", "VAL_PREFIX", "TEST_PREFIX", "OLD_VAL_PREFIX")}
+    assert constants == set(M.REGISTRY)
+    # a bad declaration is refused when bench/metrics.py is imported, not when a report reads it
+    good = M.REGISTRY[M.VAL_ACCURACY]
+    for bad in ({"unit": "MB"}, {"phase": "eval"}, {"direction": "up"}, {"definition": "two\nlines"},
+                {"definition": ""}, {"name": "test/accuracy2"}):   # a validation metric outside val/*
+        with pytest.raises(ValueError, match="bad declaration"):
+            dataclasses.replace(good, **bad)
+
+
+def test_groups_derive_from_the_registry():
+    assert M.VAL_PERIODIC == M.SCORES["val"] == (M.VAL_ACCURACY, M.VAL_F1_MACRO, M.VAL_LOSS)
+    assert M.TEST == M.SCORES["test"] == (M.TEST_ACCURACY, M.TEST_F1_MACRO, M.TEST_LOSS)
+    assert set(M.HISTORY) == {*M.VAL_PERIODIC, M.TRAIN_LOSS, M.TRAIN_LR}
+    assert M.TRAIN_LR not in M.RUN and not {M.MEM_PEAK_TRAIN_RESERVED, M.MEM_PEAK_EVAL_RESERVED} & set(M.RUN)
+    assert set(M.RUN) == {n for n, m in M.REGISTRY.items() if m.final and not m.cuda_only}
+    for name in M.COSTS:
+        m = M.REGISTRY[name]
+        assert m.phase == "run" and m.direction == "min" and not m.cuda_only, name
+
+
+def test_the_metrics_views_pick_are_registry_metrics_every_run_reports():
+    """The report's columns and plot axes, the MLflow comparison view and the end-of-multirun table choose their
+    metrics by hand; each must be one that every finished run reports."""
+    from bench.report import data, plots
+    from bench.track import COMPARE_COLUMNS
+    picked = {*COMPARE_COLUMNS["metrics"], data.ACCURACY, *data.MEANS, *plots.AXES}
+    assert picked <= set(M.RUN), picked - set(M.RUN)
+
+
+def test_sweep_objectives_and_their_default_direction_come_from_the_registry(tmp_path):
+    validation = [n for n, m in M.REGISTRY.items() if m.phase == "validation" and m.direction]
+    assert spec.OBJECTIVES == (*validation, *M.COSTS)
+    assert M.VAL_BEST_ACCURACY in spec.OBJECTIVES and M.VAL_BEST_STEP not in spec.OBJECTIVES
+    assert not set(spec.OBJECTIVES) & {n for n, m in M.REGISTRY.items() if m.phase in ("test", "train")}
+    path = tmp_path / "s.yaml"
+    for metric, direction in ((M.VAL_ACCURACY, "maximize"), (M.VAL_F1_MACRO, "maximize"),
+                              (M.VAL_LOSS, "minimize"), (M.TIME_TRAIN, "minimize"), (M.CKPT_BYTES, "minimize")):
+        path.write_text(yaml.safe_dump({"trials": 1, "objective": {"metric": metric},
+                                        "search_space": {"method.r": {"type": "categorical", "choices": [2]}}}))
+        assert spec.load(path).direction == direction == spec.DEFAULT_DIRECTION[metric], metric
+    path.write_text(yaml.safe_dump({"trials": 1, "objective": {"metric": M.VAL_LOSS, "direction": "maximize"},
+                                    "search_space": {"method.r": {"type": "categorical", "choices": [2]}}}))
+    assert spec.load(path).direction == "maximize"   # a direction the file names wins
+
+
+def test_a_tiny_run_logs_exactly_the_registry(tiny_overrides, tmp_path):
+    """result.metrics holds every metric of RUN and nothing else; the MLflow run holds every registry metric a
+    CPU run can log (RUN plus the step-history-only train/lr), and the `history` ones have several steps."""
+    cfg = compose("method=lora", *tiny_overrides)
+    result = run(cfg, tmp_path / "job")
+    assert result.status == "FINISHED"
+    assert set(result.metrics) == set(M.RUN), {"not logged": set(M.RUN) - set(result.metrics),
+                                               "not in the registry's RUN": set(result.metrics) - set(M.RUN)}
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    logged = client.get_run(result.run_id).data.metrics
+    assert set(logged) == set(CPU_METRICS), {"not logged": set(CPU_METRICS) - set(logged),
+                                             "not in the registry": set(logged) - set(CPU_METRICS)}
+    for name in M.HISTORY:
+        assert len(client.get_metric_history(result.run_id, name)) > 1, name
