@@ -77,10 +77,10 @@ def quant_skip_default(model) -> list[str]:
 @functools.cache
 def _defaults(source: str, trust_remote_code: bool) -> dict:
     from bench import config
-    model = config._meta_model(source, trust_remote_code)
+    model = config.meta_model(source, trust_remote_code)
     model_type = model.config.model_type
     out = {role: target_default(role, model_type) for role in TARGET_ROLES}
-    out.update(head_modules=head_default(model), quant_skip_modules=quant_skip_default(model), model_type=model_type)
+    out.update(head_modules=head_default(model), quant_skip_modules=quant_skip_default(model))
     return out
 
 
@@ -89,7 +89,7 @@ def defaults(model_cfg) -> dict | None:
     bench.config.check_model, reports that as one line)."""
     from bench import config
     try:
-        source = config._config_source(model_cfg)
+        source = config.config_source(model_cfg)
         return None if source is None else _defaults(source, bool(model_cfg.trust_remote_code))
     except Exception:  # no config.json, hub unreachable, name_or_path unset: reported by validation
         return None
@@ -101,11 +101,6 @@ def _resolve(role: str, *, _root_):
     found = defaults(_root_.model)
     value = None if found is None else found[role]
     return ListConfig(value) if isinstance(value, list) else value  # OmegaConf.resolve() cannot store a plain list
-
-
-def model_type(model_cfg) -> str | None:
-    found = defaults(model_cfg)
-    return None if found is None else found["model_type"]
 
 
 OmegaConf.register_new_resolver("arch", _resolve, replace=True)

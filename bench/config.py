@@ -172,7 +172,7 @@ def check_data(task) -> None:
 
 # --- model ------------------------------------------------------------------------------------------------
 
-def _config_source(model_cfg) -> str | None:
+def config_source(model_cfg) -> str | None:
     """Where the model's config.json is read from: a folder or a hub id; None when not available cheaply."""
     from bench import models
     if model_cfg.source == "smollm2_gguf":
@@ -192,7 +192,7 @@ def _config_source(model_cfg) -> str | None:
 
 
 @functools.cache
-def _meta_model(source: str, trust_remote_code: bool):
+def meta_model(source: str, trust_remote_code: bool):
     """The sequence classifier built from config.json on the meta device: names and signatures, no weights."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -249,10 +249,10 @@ def _accepts(fn, arg: str) -> bool:
 def check_model(cfg) -> None:
     """config.json exists; head_modules and target_modules name modules of the model; prompt-style methods
     only on model classes that accept what peft feeds them (past_key_values / inputs_embeds)."""
-    source = _config_source(cfg.model)
+    source = config_source(cfg.model)
     if source is None:
         return
-    model = _meta_model(source, bool(cfg.model.trust_remote_code))
+    model = meta_model(source, bool(cfg.model.trust_remote_code))
     kind = type(model).__name__
     names = [n for n, _ in model.named_modules()]
     head = list(cfg.model.head_modules)
