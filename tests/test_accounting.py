@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from bench import metrics as M
-from bench.measure import grad_bytes, optimizer_bytes, weights_bytes
-from bench.run import run
-from bench.track import Tracker
+from bench.core import metrics as M
+from bench.core.measure import grad_bytes, optimizer_bytes, weights_bytes
+from bench.orchestration.worker import run_job
+from bench.tracking import Tracker
 from tests.conftest import compose
 
 
@@ -25,7 +25,7 @@ class SleepyTracker(Tracker):
 
 
 def _train_s(cfg, out, tracker=None) -> float:
-    return run(cfg, out, tracker=tracker).metrics[M.TIME_TRAIN]
+    return run_job(cfg, out, tracker=tracker).metrics[M.TIME_TRAIN]
 
 
 @pytest.mark.slow  # 10 short runs: about 40 s
@@ -78,7 +78,7 @@ def test_full_minus_lora_memory_on_minilm(tmp_path):
     got = {}
     for method in ("lora", "full"):
         cfg = compose(f"method={method}", *short)
-        got[method] = run(cfg, tmp_path / method).metrics
+        got[method] = run_job(cfg, tmp_path / method).metrics
     full, lora = got["full"], got["lora"]
     extra_params = full[M.PARAMS_TRAINABLE] - lora[M.PARAMS_TRAINABLE]
     # trainable tensors: MiniLM has 6 layers x 16 + 5 embedding + 2 pooler + 2 head = 105 (full); LoRA: 6 x 2 x 2

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from bench import architectures, methods
-from bench.config import validate
+from bench.core import architectures, methods
+from bench.orchestration.validate import validate
 from bench.errors import BenchError
 from tests.conftest import METHODS, compose
 

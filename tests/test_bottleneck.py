@@ -1,4 +1,4 @@
-"""Bottleneck adapters (bench.methods.bottleneck): the peft plumbing on a tiny random-init BERT and Llama, and the
+"""Bottleneck adapters (bench.core.methods.bottleneck): the peft plumbing on a tiny random-init BERT and Llama, and the
 reference check against AdapterHub's presets (tests/fixtures/adapterhub_bottleneck.*, made by
 tests/fixtures/make_adapterhub_fixture.py in AdapterHub's own environment); CPU, no Hub access."""
 
@@ -18,9 +18,9 @@ from peft.utils import PeftType
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
-import bench.methods.bottleneck as bottleneck
-from bench import methods
-from bench.methods.bottleneck import (BottleneckConfig, BottleneckLayer, BottleneckOutput, BottleneckSublayerOutput,
+import bench.core.methods.bottleneck as bottleneck
+from bench.core import methods
+from bench.core.methods.bottleneck import (BottleneckConfig, BottleneckLayer, BottleneckOutput, BottleneckSublayerOutput,
                                       ResidualTap)
 from tests.conftest import compose
 from tests.fixtures import make_adapterhub_fixture as ref
@@ -266,7 +266,7 @@ def test_tiny_random_bert_merge_refused_but_unload_works():
 
 
 def test_import_twice_is_idempotent(monkeypatch):
-    importlib.import_module("bench.methods.bottleneck")  # cached import: no-op
+    importlib.import_module("bench.core.methods.bottleneck")  # cached import: no-op
     # Execute the module file a second time under another name (what importlib.reload or a double import does).
     # register_peft_method alone would raise KeyError here; our registration must not.
     spec = importlib.util.spec_from_file_location("bottleneck_second_copy", bottleneck.__file__)

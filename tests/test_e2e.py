@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bench import metrics as M
-from bench.run import run
+from bench.core import metrics as M
+from bench.orchestration.worker import run_job
 from tests.conftest import ROOT, compose
 
-METRICS = list(M.RUN)   # every metric a finished CPU run reports (bench/metrics.py)
+METRICS = list(M.RUN)   # every metric a finished CPU run reports (bench/core/metrics.py)
 TAGS = ["method", "model", "task", "quant", "seed", "status", "git_commit", "version.torch",
         "version.transformers", "version.peft", "version.bitsandbytes", "device_name", "torch_threads"]
 SHORT = ["train.max_steps=12", "train.eval_every=6", "train.log_every=3", "task.max_train_samples=256",
@@ -68,7 +68,7 @@ def test_main_command_multirun_with_a_broken_job(tmp_path):
 
 def test_in_process_run_logs_everything_and_failure_is_marked(tiny_overrides, tmp_path):
     cfg = compose("method=lora", *tiny_overrides)
-    result = run(cfg, tmp_path / "job")
+    result = run_job(cfg, tmp_path / "job")
     assert result.status == "FINISHED"
     assert json.loads((tmp_path / "job" / "result.json").read_text())["status"] == "FINISHED"
     client, found = runs(cfg.tracking.uri)
@@ -82,7 +82,7 @@ def test_in_process_run_logs_everything_and_failure_is_marked(tiny_overrides, tm
 
     bad = compose("method=lora", *tiny_overrides, "train.lr=1e12", "train.max_grad_norm=1e12")
     with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d+"):
-        run(bad, tmp_path / "bad")
+        run_job(bad, tmp_path / "bad")
     client, found = runs(cfg.tracking.uri)
     failed = [r for r in found if r.info.status == "FAILED"]
     assert len(failed) == 1 and "at step" in failed[0].data.tags["error"]

@@ -12,8 +12,8 @@ import os
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bench import metrics as M
-from bench.run import run
+from bench.core import metrics as M
+from bench.orchestration.worker import run_job
 from tests.conftest import compose
 
 OVERRIDES = ["method=full", "train.max_steps=20", "train.eval_every=10", "train.log_every=1",
@@ -29,7 +29,7 @@ LOSS_TOL = 2e-4   # float32 kernels differ slightly between CPUs and thread coun
 
 def test_golden_tiny_full_finetune_run(tiny_overrides, tmp_path):
     cfg = compose(*tiny_overrides, *OVERRIDES)
-    result = run(cfg, tmp_path / "job")
+    result = run_job(cfg, tmp_path / "job")
     history = MlflowClient(tracking_uri=cfg.tracking.uri).get_metric_history(result.run_id, M.TRAIN_LOSS)
     by_step = {m.step: m.value for m in history}   # the final summary repeats step 20's value
     losses = [by_step[step] for step in sorted(by_step)]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.measure import Meter
+from bench.core.measure import Meter
 
 
 def test_cpu_peak_rss_is_per_phase():

@@ -6,21 +6,16 @@ import pytest
 import torch
 from transformers import set_seed
 
-from bench import methods, models, tasks, train
-from bench.measure import Meter
+from bench.core import methods, models, pipeline, tasks, train
+from bench.core.measure import Meter
 from tests.conftest import METHODS, compose
 
 CPU = torch.device("cpu")
 
 
 def build(cfg):
-    data = tasks.load(cfg.task, cfg.seed)
-    set_seed(cfg.seed)
-    model, tok = models.load(cfg.model, cfg.quant, data.num_labels, CPU)
-    set_seed(cfg.seed)
-    model = methods.apply(model, cfg.method, cfg.model)
-    train_ds, eval_ds, _ = tasks.tokenize(data, tok, cfg.train.max_length)
-    return data, model, tok, train_ds, eval_ds
+    p = pipeline.build(cfg, CPU)  # the run's own build step
+    return p.data, p.model, p.tokenizer, p.train, p.validation
 
 
 def logits(model, tok, ds):
@@ -146,7 +141,7 @@ def test_freeze_trainable_params_closed_form(k, tiny_overrides):
                                             "2 transformer blocks; valid: an integer from 0 to 2"),
                                        (-1, "method.trainable_layers: must be an integer from 0")])
 def test_freeze_trainable_layers_out_of_range_is_one_line(k, message, tiny_overrides):
-    from bench.config import validate
+    from bench.orchestration.validate import validate
     from bench.errors import BenchError
     with pytest.raises(BenchError) as e:
         validate(compose("method=freeze", f"method.trainable_layers={k}", *tiny_overrides))
@@ -188,7 +183,7 @@ def test_step_hook_is_none_for_other_methods(tiny_overrides):
 
 
 def test_adalora_needs_max_steps(tiny_overrides):
-    from bench.config import validate
+    from bench.orchestration.validate import validate
     from bench.errors import BenchError
     with pytest.raises(BenchError, match=r"^train.max_steps: method=adalora .*set train.max_steps"):
         validate(compose("method=adalora", *tiny_overrides, "train.max_steps=null", "train.epochs=1"))

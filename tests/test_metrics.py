@@ -1,4 +1,4 @@
-"""The metric registry (bench/metrics.py) against what documents it (the README) and what logs it (a real run)."""
+"""The metric registry (bench/core/metrics.py) against what documents it (the README) and what logs it (a real run)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +8,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from bench import metrics as M
-from bench.run import run
+from bench.core import metrics as M
+from bench.orchestration.worker import run_job
 from bench.sweep import spec
 from tests.conftest import ROOT, compose
 
@@ -59,8 +59,8 @@ def test_readme_metric_table_and_registry_name_the_same_metrics():
     assert not {n: r for n, r in documented.items() if len(r) > 1}, "a metric in two rows of the README table"
     undocumented = [n for n in M.REGISTRY if n not in documented]
     unregistered = [n for n in documented if n not in M.REGISTRY]
-    assert not undocumented, f"in bench/metrics.py but not in the README's metric table: {undocumented}"
-    assert not unregistered, f"in the README's metric table but not in bench/metrics.py: {unregistered}"
+    assert not undocumented, f"in bench/core/metrics.py but not in the README's metric table: {undocumented}"
+    assert not unregistered, f"in the README's metric table but not in bench/core/metrics.py: {unregistered}"
 
 
 def test_readme_sweep_objectives_are_the_registry_objectives():
@@ -79,7 +79,7 @@ def test_registry_declarations():
     constants = {v for k, v in vars(M).items() if k.isupper() and isinstance(v, str) and "/" in v
                  and k not in ("PREDICTIONS_ARTIFACT", "VAL_PREFIX", "TEST_PREFIX", "OLD_VAL_PREFIX")}
     assert constants == set(M.REGISTRY)
-    # a bad declaration is refused when bench/metrics.py is imported, not when a report reads it
+    # a bad declaration is refused when bench/core/metrics.py is imported, not when a report reads it
     good = M.REGISTRY[M.VAL_ACCURACY]
     for bad in ({"unit": "MB"}, {"phase": "eval"}, {"direction": "up"}, {"definition": "two\nlines"},
                 {"definition": ""}, {"name": "test/accuracy2"}):   # a validation metric outside val/*
@@ -102,7 +102,7 @@ def test_the_metrics_views_pick_are_registry_metrics_every_run_reports():
     """The report's columns and plot axes, the MLflow comparison view and the end-of-multirun table choose their
     metrics by hand; each must be one that every finished run reports."""
     from bench.report import data, plots
-    from bench.track import COMPARE_COLUMNS
+    from bench.tracking import COMPARE_COLUMNS
     picked = {*COMPARE_COLUMNS["metrics"], data.ACCURACY, *data.MEANS, *plots.AXES}
     assert picked <= set(M.RUN), picked - set(M.RUN)
 
@@ -127,7 +127,7 @@ def test_a_tiny_run_logs_exactly_the_registry(tiny_overrides, tmp_path):
     """result.metrics holds every metric of RUN and nothing else; the MLflow run holds every registry metric a
     CPU run can log (RUN plus the step-history-only train/lr), and the `history` ones have several steps."""
     cfg = compose("method=lora", *tiny_overrides)
-    result = run(cfg, tmp_path / "job")
+    result = run_job(cfg, tmp_path / "job")
     assert result.status == "FINISHED"
     assert set(result.metrics) == set(M.RUN), {"not logged": set(M.RUN) - set(result.metrics),
                                                "not in the registry's RUN": set(result.metrics) - set(M.RUN)}

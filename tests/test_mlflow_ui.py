@@ -20,8 +20,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from bench.run import run
-from bench.track import COMPARE_COLUMNS, Tracker
+from bench.orchestration.worker import run_job
+from bench.tracking import COMPARE_COLUMNS, Tracker
 from tests.conftest import ROOT, compose
 
 CHROMIUM = shutil.which("chromium")
@@ -66,7 +66,7 @@ def test_runs_table_shows_runs_and_metrics_in_headless_chromium(tiny_overrides, 
     overrides = [*tiny_overrides, "train.threads=1"]  # one thread: a busy 2-core machine makes two spin
     try:
         for method in ("lora", "ia3"):
-            assert run(compose(f"method={method}", *overrides), tmp_path / method).status == "FINISHED"
+            assert run_job(compose(f"method={method}", *overrides), tmp_path / method).status == "FINISHED"
     finally:
         torch.set_num_threads(threads)
     uri = compose(*overrides).tracking.uri

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import models
-from bench.run import run
+from bench.core import models
+from bench.orchestration.worker import run_job
 from tests.conftest import compose
 
 
@@ -26,7 +26,7 @@ def test_smollm2_gguf_trains_as_a_classifier_with_lora(tmp_path):
     cfg = compose("model=smollm2", "method=lora", "train.max_steps=4", "train.batch_size=8", "train.eval_every=null",
                   "task.max_train_samples=64", "task.max_eval_samples=16", "task.max_test_samples=16", "train.isolate=false", "device=cpu",
                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
-    result = run(cfg, tmp_path / "job")
+    result = run_job(cfg, tmp_path / "job")
     assert result.status == "FINISHED"
     # LoRA r=8 on q_proj (576->576) and v_proj (576->192) in 30 layers, plus the 576x6 score head (no bias)
     assert result.metrics["params/trainable"] == 30 * 8 * ((576 + 576) + (576 + 192)) + 576 * 6

@@ -2,7 +2,7 @@
 unquantized; bitsandbytes' import-time warning stays off the console.
 
 bitsandbytes >= 0.49 takes an AVX512-BF16 inference path for Linear4bit on CPUs that have it (its weight is
-repacked at the first no-grad evaluation; training afterwards crashed). bench.models.keep_off_cpu_packing keeps
+repacked at the first no-grad evaluation; training afterwards crashed). bench.core.models.keep_off_cpu_packing keeps
 trained models off it. The tests force what bitsandbytes detects on or off (`avx512bf16_forced_on` /
 `avx512bf16_forced_off` in their ids), so both paths are covered on any CPU.
 """
@@ -20,8 +20,8 @@ import pytest
 import torch
 from packaging.version import Version
 
-from bench import models, quant_backend
-from bench.run import run
+from bench.core import models, quant_backend
+from bench.orchestration.worker import run_job
 from tests.conftest import ROOT, compose
 
 FORCED = {"avx512bf16_forced_on": True, "avx512bf16_forced_off": False}
@@ -54,7 +54,7 @@ def is_packed(module) -> bool:
 
 
 def test_linear4bit_still_has_the_avx512bf16_switch_that_bench_models_turns_off():
-    """bench.models sets a bitsandbytes internal: fail clearly when bitsandbytes renames or drops it."""
+    """bench.core.models sets a bitsandbytes internal: fail clearly when bitsandbytes renames or drops it."""
     bnb = pytest.importorskip("bitsandbytes")
     if bnb_version() < PACKING_SINCE:
         pytest.skip(f"bitsandbytes {bnb_version()} has no AVX512-BF16 CPU path (added in {PACKING_SINCE})")
@@ -62,7 +62,7 @@ def test_linear4bit_still_has_the_avx512bf16_switch_that_bench_models_turns_off(
     reads = "support_avx512bf16_for_cpu" in inspect.getsource(bnb.nn.Linear4bit.forward)
     assert hasattr(layer, "support_avx512bf16_for_cpu") and reads, (
         f"bitsandbytes {bnb_version()}: Linear4bit.support_avx512bf16_for_cpu is gone or no longer read by forward; "
-        "bench.models.keep_off_cpu_packing relies on it to keep trained models off the AVX512-BF16 CPU "
+        "bench.core.models.keep_off_cpu_packing relies on it to keep trained models off the AVX512-BF16 CPU "
         "inference path: find the new switch, or pin bitsandbytes below this version in pyproject.toml")
 
 
@@ -115,7 +115,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 def test_importing_the_harness_keeps_the_bitsandbytes_kernel_warning_off_stderr():
     """The real import (through peft); meaningful on AVX512-BF16 CPUs, where bitsandbytes logs the warning."""
     pytest.importorskip("bitsandbytes")
-    proc = _python("import json, importlib.util, bench.run, bitsandbytes.functional as F\n"
+    proc = _python("import json, importlib.util, bench.orchestration.worker, bitsandbytes.functional as F\n"
                    "from bench import quant_backend as q\n"
                    "print(json.dumps([bool(F.has_avx512bf16()), importlib.util.find_spec('kernels') is None,"
                    " q.cpu_note('nf4', 'cpu')]))")
@@ -130,7 +130,7 @@ def test_importing_the_harness_keeps_the_bitsandbytes_kernel_warning_off_stderr(
 def test_hidden_bitsandbytes_is_not_imported_and_lora_still_applies():
     """BENCH_HIDE_BITSANDBYTES=1 (a process that runs only quant=none jobs): peft treats bitsandbytes as absent."""
     pytest.importorskip("bitsandbytes")
-    proc = _python("import sys, bench.run, peft\n"
+    proc = _python("import sys, bench.orchestration.worker, peft\n"
                    "from transformers import BertConfig, BertForSequenceClassification\n"
                    "m = BertForSequenceClassification(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,"
                    " num_attention_heads=2, intermediate_size=64))\n"
@@ -162,7 +162,7 @@ def test_quantized_lora_trains_evaluates_and_trains_again_on_cpu_minilm(quant, l
     cfg = compose("method=lora", f"quant={quant}", "train.max_steps=40", "train.eval_every=20",
                   "task.max_train_samples=640", "task.max_eval_samples=100", "train.isolate=false", "device=cpu",
                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
-    result = run(cfg, tmp_path / "job", on_eval=check)
+    result = run_job(cfg, tmp_path / "job", on_eval=check)
     assert result.status == "FINISHED"
     assert 20 in seen["steps"] and result.metrics["train/steps"] == 40
     assert all(a is not None for a in seen["acc"])

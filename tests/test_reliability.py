@@ -19,11 +19,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from bench import faults, resume
-from bench.__main__ import execute
-from bench.run import Result
-from bench.summary import report
-from bench.track import Tracker, flatten, without_secrets
+from bench.orchestration import faults, resume
+from bench.orchestration.job import execute
+from bench.orchestration.worker import Result
+from bench.orchestration.summary import report
+from bench.tracking import Tracker, flatten, without_secrets
 from tests.conftest import ROOT, compose
 
 
@@ -128,7 +128,7 @@ def test_sigterm_in_process_run_is_killed(tiny_overrides, tmp_path, monkeypatch)
     def fit_until_signal(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)  # the handler raises in here
-    monkeypatch.setattr("bench.train.fit", fit_until_signal)
+    monkeypatch.setattr("bench.core.train.fit", fit_until_signal)
     saved = {s: signal.getsignal(s) for s in faults.SIGNALS}
     try:
         with pytest.raises(faults.Interrupted):
@@ -150,16 +150,16 @@ def test_nan_loss_and_out_of_memory_fail_their_run_not_the_multirun(tiny_overrid
     step = re.fullmatch(r"FloatingPointError: loss is (nan|inf) at step (\d+)", nan.error)
     assert step and 1 <= int(step.group(2)) <= 60, nan.error
 
-    import bench.train
-    real_fit = bench.train.fit
+    import bench.core.train
+    real_fit = bench.core.train.fit
     for name, error in [("cuda", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
                         ("host", MemoryError())]:
         def out_of_memory(*args, **kwargs):
             raise error
-        monkeypatch.setattr("bench.train.fit", out_of_memory)
+        monkeypatch.setattr("bench.core.train.fit", out_of_memory)
         oom = execute(compose(*tiny_overrides, f"seed={1 if name == 'cuda' else 2}"), tmp_path / name)
         assert oom.status == "FAILED" and oom.error.startswith("out of memory: ")
-    monkeypatch.setattr("bench.train.fit", real_fit)
+    monkeypatch.setattr("bench.core.train.fit", real_fit)
     ok = execute(compose(*tiny_overrides, "seed=3", "train.max_steps=10"), tmp_path / "ok")  # the next job of the multirun
     assert ok.status == "FINISHED"
 
@@ -303,7 +303,7 @@ def test_parallel_joblib_workers_lose_no_runs(cli, tmp_path):
 WRITER = """
 import sys
 from omegaconf import OmegaConf
-from bench.track import Tracker
+from bench.tracking import Tracker
 uri, n, who = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 tracker = Tracker(uri, "peft-bench")  # all 4 processes create the new store at once
 for i in range(n):

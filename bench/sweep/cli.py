@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from rich.markup import escape
 
 from bench.errors import BenchError
-from bench.resume import process_tags
+from bench.orchestration.resume import process_tags
 from bench.sweep import report, spec
 from bench.sweep.study import (FINISHED, Job, compose, console, default_storage, open_or_create, sweep_lock,
                                trial_counts, work, worker_entry)
@@ -61,7 +61,7 @@ def parent_run(tracker, sweep, job: Job, definition: dict) -> str:
     found = tracker.client.search_runs(
         [tracker.experiment_id], filter_string=f"tags.study = '{job.study}' AND tags.sweep_role = 'parent' AND "
                                                f"tags.optuna_storage = '{job.storage}'", max_results=1)
-    holder = process_tags("owner")   # this process holds the parent run now (bench/resume.py: orphans)
+    holder = process_tags("owner")   # this process holds the parent run now (bench/orchestration/resume.py: orphans)
     if found:
         run_id = found[0].info.run_id
         tracker.client.update_run(run_id, status="RUNNING")
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # the sweep prints its own line per trial
     try:
-        from bench.config import validate
-        from bench.track import Tracker
+        from bench.orchestration.validate import validate
+        from bench.tracking import Tracker
         if a.trials is not None and a.trials < 1:
             raise BenchError(f"--trials: must be >= 1, got {a.trials}")
         if a.workers < 1:

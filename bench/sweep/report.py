@@ -1,7 +1,7 @@
 """What a sweep leaves behind, in reports/<study>/ and on the study's parent MLflow run: the best configuration
 as a `python -m bench` line, the trials table (text and csv), parameter importances and the objective plot.
 
-Selection and the test figure (bench/metrics.py: the protocol). The best trial is the best COMPLETE trial on the
+Selection and the test figure (bench/core/metrics.py: the protocol). The best trial is the best COMPLETE trial on the
 objective (a val/* metric or a cost: optuna's best_trial). Beside it every output shows that trial's test
 figures: the one test evaluation of the chosen configuration, reported, never used for selection:
 - the progress line: `best val/accuracy 0.9120 (trial 7; its test/accuracy 0.9040)`;
@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bench import metrics as M
+from bench.core import metrics as M
 from bench.sweep.study import FINISHED, fmt_test, fmt_value, short, trial_test_metrics
 
 BEST_TEST_PREFIX = "best_trial/"   # parent run: best_trial/test/accuracy, ... (the best trial's test figures)

@@ -28,14 +28,14 @@ import optuna
 import yaml
 from omegaconf import OmegaConf
 
-from bench import metrics as M
+from bench.core import metrics as M
 from bench.errors import BenchError
 from bench.fmt import error_line
 
 KEYS = ("study", "overrides", "objective", "trials", "search_space", "derived", "sampler", "pruner", "plot")
 PARAM_TYPES = ("categorical", "int", "float")
 DIRECTIONS = ("maximize", "minimize")
-# What a sweep may select on, from the registry (bench/metrics.py: the protocol): the validation metrics with a
+# What a sweep may select on, from the registry (bench/core/metrics.py: the protocol): the validation metrics with a
 # direction (one way is better), and the costs. Selection uses the validation split; the test split is scored
 # once per run, after selection, so a test/* objective would select on test data. Costs are measured on the run
 # itself. The periodic evaluation reports VAL_PERIODIC at each eval step: pruning needs one.

@@ -4,7 +4,7 @@ Several processes (the --workers of one command, or several commands) share one 
 under a file lock after counting what is finished and running, so the sweep stops at exactly the requested
 number of finished trials; a RUNNING trial whose worker process is gone is failed and retried.
 
-Protocol (bench/metrics.py): a trial reports the objective (a val/* metric) to the pruner at each periodic
+Protocol (bench/core/metrics.py): a trial reports the objective (a val/* metric) to the pruner at each periodic
 evaluation and is told its final value; the run's one test evaluation (test/*) is kept on the trial as the user
 attribute `test_metrics` for the report, and never reaches Optuna's value, so it plays no part in sampling,
 pruning or choosing the best trial.
@@ -28,14 +28,14 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.markup import escape
 
-from bench import metrics as M
-from bench import procs
+from bench import CONF_DIR
+from bench.core import metrics as M
+from bench.orchestration import procs
 from bench.errors import BenchError
 from bench.files import lock
 from bench.fmt import error_line
 from bench.sweep import spec as sweep_spec
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_RETRIES = 2        # a trial whose process keeps dying (e.g. the OOM killer) is not retried forever
 
@@ -210,9 +210,11 @@ def short(v) -> str:
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, sweep, job: Job, tracker) -> tuple[TrialState, str]:
-    """One trial = one normal run (bench.run.run) with the trial's values as overrides."""
-    from bench.run import run
-    from bench.track import run_name
+    """One trial = one normal run (bench.orchestration.worker.run_job) with the trial's values as overrides,
+    validated here, once (a trial whose values are out of range is a FAILED child run with that one line)."""
+    from bench.orchestration.validate import validate
+    from bench.orchestration.worker import run_job
+    from bench.tracking import run_name
 
     values = sweep.run_overrides(trial.params)
     overrides = [f"{k}={fmt_value(v)}" for k, v in values.items()]
@@ -225,6 +227,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep, job: Job, tracker
                                                 "trial": str(trial.number)})
         tracker.set_tags(run_id, {"mlflow.runName": f"{run_name(cfg)}-t{trial.number}"})
         trial.set_user_attr("mlflow_run_id", run_id)
+        validate(cfg)   # the trial's values (the base config was validated before the study): FAILED, with the line
 
         last = cfg.train.max_steps   # a prune at the last evaluation would save nothing
 
@@ -237,7 +240,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep, job: Job, tracker
                     raise Pruned(step, sweep.metric, metrics[sweep.metric])
 
         out_dir = Path(job.out_root) / job.study / f"trial-{trial.number:04d}"
-        result = run(cfg, out_dir, run_id=run_id, tracker=tracker, on_eval=on_eval)
+        result = run_job(cfg, out_dir, run_id=run_id, tracker=tracker, on_eval=on_eval)
     except Pruned as p:
         trial.set_user_attr("train_steps", p.step)
         trial.set_user_attr("pruned_at_step", p.step)
@@ -292,8 +295,8 @@ def progress_line(study: optuna.Study, sweep, job: Job, number: int, state: Tria
 def work(job: Job) -> int:
     """A worker: run trials of the study until the requested number is finished or reserved by live
     workers. Returns 0, or 1 when it stopped after max_failures failures in a row."""
-    from bench.run import quiet_libraries
-    from bench.track import Tracker
+    from bench.orchestration.worker import quiet_libraries
+    from bench.tracking import Tracker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet_libraries()

@@ -4,7 +4,7 @@
 
 The runs are synthetic but stored for real: a scratch SQLite MLflow store filled through MlflowClient with what
 the harness logs per run (run name, the filter tags and provenance tags, ~50 params, the final metrics of
-bench.metrics.RUN), spread over 2 tasks × 2 models × 15 methods × seeds, with 2 % FAILED runs and one 40-trial
+bench.core.metrics.RUN), spread over 2 tasks × 2 models × 15 methods × seeds, with 2 % FAILED runs and one 40-trial
 sweep. By default no run has a predictions artifact (the goal's case), so this times the report's one file
 check per table run and its "paired test unavailable" path; `--predictions N` gives every FINISHED table run a
 predictions artifact of N test examples, which times reading them and the paired tests (not part of the goal).
@@ -30,7 +30,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from bench import metrics as M
+from bench.core import metrics as M
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["full", "head", "lora", "dora", "rslora", "loha", "lokr", "vera", "ia3", "adapter",

@@ -1,5 +1,5 @@
 """Benchmark (a script, not a test): the LoRA grid against the Optuna sweep with pruning, on TREC-6 + MiniLM,
-under the protocol of bench/metrics.py: each selects its best trial on validation, and the two selected
+under the protocol of bench/core/metrics.py: each selects its best trial on validation, and the two selected
 configurations are compared on their one test evaluation.
 
     python tests/perf/sweep_vs_grid.py [--seeds 0,1,2] [--steps 150] [--trials 10] [--grid-workers 2] [--out DIR]
@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench import metrics as M  # noqa: E402
+from bench.core import metrics as M  # noqa: E402
 
 SELECTED_ON = M.VAL_ACCURACY   # the shipped files' objective (checked against each summary.json)
 COMPARED = M.TEST_ACCURACY

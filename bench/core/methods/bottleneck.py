@@ -43,7 +43,7 @@ Which module is wrapped (``target_modules``, per architecture in conf/model/*.ya
   ``self_attn``, ``post_attention_layernorm`` before ``mlp``) is wrapped in a parameter-free :class:`ResidualTap`
   that passes its input on to the adapter. Houlsby: ``r".*\\.(self_attn|mlp)"``; Pfeiffer and parallel:
   ``r".*\\.mlp"``. GPT-2 is wrapped the same way: ``h.N.attn`` and ``h.N.mlp``, with taps on ``ln_1`` / ``ln_2``.
-  bench/architectures.py holds these sites per model type for ``model=hf``.
+  bench/core/architectures.py holds these sites per model type for ``model=hf``.
 - Any other Linear-like module: :class:`BottleneckOutput` on its output, ``y + A(y)`` (the sequential placement
   without ``original_ln_before``; the model adds the residual itself).
 
@@ -78,7 +78,7 @@ def tested_peft() -> str:
 
 
 def _internals_changed(what: str) -> ImportError:
-    return ImportError(f"bench.methods.bottleneck: peft {peft.__version__} changed what the BOTTLENECK registration "
+    return ImportError(f"bench.core.methods.bottleneck: peft {peft.__version__} changed what the BOTTLENECK registration "
                        f"relies on ({what}); install the tested range: pip install '{tested_peft()}'")
 
 

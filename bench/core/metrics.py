@@ -3,7 +3,7 @@
 The registry (`REGISTRY`, name -> `Metric`) is the public interface; the README's table *What every run records in
 MLflow* repeats its names with longer definitions (tests/test_metrics.py holds the two together). Each name is also
 a module constant (`VAL_ACCURACY == "val/accuracy"`), so that grep leads from a name to where it is measured
-(bench/train.py, bench/measure.py, bench/methods, bench/run.py) and where it is read. The groups other modules
+(bench/core/train.py, bench/core/measure.py, bench/methods, bench/orchestration/worker.py) and where it is read. The groups other modules
 use (VAL_PERIODIC, TEST, HISTORY, RUN, COSTS) are derived from the registry, never listed by hand.
 
 Protocol: selection (periodic evaluation, best step, pruning, sweep objectives) uses the validation split
@@ -37,7 +37,7 @@ class Metric:
         prefix = {"validation": VAL_PREFIX, "test": TEST_PREFIX}.get(self.phase)
         if (self.unit not in UNITS or self.phase not in PHASES or self.direction not in DIRECTIONS
                 or "\n" in self.definition or not self.definition or (prefix and not self.name.startswith(prefix))):
-            raise ValueError(f"bench/metrics.py: bad declaration {self}")
+            raise ValueError(f"bench/core/metrics.py: bad declaration {self}")
 
 
 REGISTRY: dict[str, Metric] = {}
@@ -45,12 +45,12 @@ REGISTRY: dict[str, Metric] = {}
 
 def _declare(name: str, unit: str, phase: str, direction: str | None, definition: str, **flags) -> str:
     if name in REGISTRY:
-        raise ValueError(f"bench/metrics.py: {name} declared twice")
+        raise ValueError(f"bench/core/metrics.py: {name} declared twice")
     REGISTRY[name] = Metric(name, unit, phase, direction, definition, **flags)
     return name
 
 
-# periodic evaluation on the validation split (bench/train.py: fit, evaluate)
+# periodic evaluation on the validation split (bench/core/train.py: fit, evaluate)
 VAL_ACCURACY = _declare(
     "val/accuracy", "", "validation", "max", "fraction of validation examples whose argmax prediction is the label "
     "(scikit-learn), at each periodic evaluation (train.eval_every and the last step); final: the last one's",
@@ -66,7 +66,7 @@ VAL_BEST_ACCURACY = _declare(
 VAL_BEST_STEP = _declare(
     "val/best_step", "step", "validation", None, "the step val/best_accuracy was reached at (the earliest on ties)")
 
-# the one test evaluation of the final (selected) weights (bench/run.py, via bench/train.py: evaluate)
+# the one test evaluation of the final (selected) weights (bench/orchestration/worker.py, via bench/core/train.py: evaluate)
 TEST_ACCURACY = _declare(
     "test/accuracy", "", "test", "max", "fraction of test examples whose argmax prediction is the label "
     "(scikit-learn), scored once after training on the weights train.select chose")
@@ -77,7 +77,7 @@ TEST_LOSS = _declare(
     "test/loss", "", "test", "min", "mean cross-entropy per test example, scored once after training on the "
     "weights train.select chose")
 
-# the training loop (bench/train.py: fit)
+# the training loop (bench/core/train.py: fit)
 TRAIN_LOSS = _declare(
     "train/loss", "", "train", "min", "mean training loss over the last train.log_every steps (the last window "
     "may be shorter)", history=True)
@@ -94,7 +94,7 @@ TRAIN_SELECTED_STEP = _declare(
     "train/selected_step", "step", "train", None, "the step whose weights were tested and saved: the last step "
     "(train.select=last) or val/best_step (best)")
 
-# memory (bench/measure.py; read in bench/train.py and bench/run.py)
+# memory (bench/core/measure.py; read in bench/core/train.py and bench/orchestration/worker.py)
 MEM_PEAK_TRAIN = _declare(
     "mem/peak_train_bytes", "bytes", "run", "min", "peak during training steps of CUDA allocated memory, or on CPU "
     "of the whole process's resident set (VmHWM), reset at the start of every training segment")
@@ -120,7 +120,7 @@ MEM_OPTIMIZER = _declare(
     "mem/optimizer_bytes", "bytes", "run", "min", "bytes of every tensor in the optimizer's state after its first "
     "step (AdamW: two moments per trainable parameter and a step counter per parameter tensor)")
 
-# time (bench/measure.py: Meter; bench/run.py)
+# time (bench/core/measure.py: Meter; bench/orchestration/worker.py)
 TIME_TRAIN = _declare(
     "time/train_s", "s", "run", "min", "wall-clock seconds of training steps only (batch preparation, forward, "
     "backward, optimizer step); evaluation and store I/O excluded; CUDA synchronized")
@@ -131,12 +131,12 @@ TIME_TOTAL = _declare(
     "time/total_s", "s", "run", "min", "wall-clock seconds from the start of the run (before data and model load) "
     "to the saved checkpoint")
 
-# checkpoint (bench/methods/__init__.py: save)
+# checkpoint (bench/core/methods/__init__.py: save)
 CKPT_BYTES = _declare(
     "ckpt/bytes", "bytes", "run", "min", "bytes on disk of the checkpoint's weight files and the config that "
     "reloads them (*.safetensors, *config.json), nothing else")
 
-# parameters (bench/methods/__init__.py: count_parameters)
+# parameters (bench/core/methods/__init__.py: count_parameters)
 PARAMS_TRAINABLE = _declare(
     "params/trainable", "count", "run", "min", "parameters with requires_grad during training (4-bit weights "
     "counted unpacked; peft's frozen copy of the head left out)")
@@ -146,7 +146,7 @@ PARAMS_TOTAL = _declare(
 PARAMS_TRAINABLE_PCT = _declare(
     "params/trainable_pct", "%", "run", "min", "100 × params/trainable / params/total")
 
-# throughput (bench/train.py: fit)
+# throughput (bench/core/train.py: fit)
 THROUGHPUT_TOKENS = _declare(
     "throughput/train_tokens_per_s", "tokens/s", "run", "max", "train/tokens / time/train_s")
 THROUGHPUT_SAMPLES = _declare(
@@ -159,13 +159,13 @@ def names(**where) -> tuple[str, ...]:
     return tuple(n for n, m in REGISTRY.items() if all(getattr(m, k) == v for k, v in where.items()))
 
 
-# what bench/train.py: evaluate returns for a split: accuracy, macro-F1, mean loss
+# what bench/core/train.py: evaluate returns for a split: accuracy, macro-F1, mean loss
 SCORES = {"val": (VAL_ACCURACY, VAL_F1_MACRO, VAL_LOSS), "test": (TEST_ACCURACY, TEST_F1_MACRO, TEST_LOSS)}
 # reported at every periodic evaluation (pruning sees these)
 VAL_PERIODIC = names(phase="validation", history=True)
 # the one test evaluation of the final (selected) model
 TEST = names(phase="test")
-# logged over steps by bench/train.py: fit (the others are logged once, at the last step)
+# logged over steps by bench/core/train.py: fit (the others are logged once, at the last step)
 HISTORY = names(history=True)
 # what a finished run reports (CUDA runs add the cuda_only figures)
 RUN = names(final=True, cuda_only=False)

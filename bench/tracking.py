@@ -19,14 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlflow
 import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from bench import metrics as M
+from bench.core import metrics as M
 from bench.errors import BenchError
 from bench.files import lock
 from bench.fmt import error_line
@@ -163,7 +162,6 @@ class _Retrying:
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         self.uri = uri
-        mlflow.set_tracking_uri(uri)
         try:
             with _store_lock(uri):
                 self.client = _Retrying(MlflowClient(tracking_uri=uri))
@@ -179,8 +177,8 @@ class Tracker:
 
     def start(self, cfg, extra_tags: dict | None = None) -> str:
         """Open a RUNNING run named method-task-model-seed with the filter tags, its run_key and the process
-        that holds it (see bench/resume.py); return its id."""
-        from bench.resume import process_tags, run_key
+        that holds it (see bench/orchestration/resume.py); return its id."""
+        from bench.orchestration.resume import process_tags, run_key
         tags = {"method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
                 "quant": cfg.quant.name, "seed": str(cfg.seed), "status": "RUNNING", "run_key": run_key(cfg),
                 **process_tags("owner"), **(extra_tags or {})}
@@ -194,6 +192,10 @@ class Tracker:
         for i in range(0, len(params), 100):  # log_batch accepts at most 100 params per call
             self.client.log_batch(run_id, params=params[i:i + 100])
         self.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(without_secrets(container))), "config.yaml")
+
+    def bind(self, run_id: str) -> "RunLog":
+        """The metric-logging side of one run, as bench/core/pipeline.py takes it (`log_metrics`, `log_points`)."""
+        return RunLog(self, run_id)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         self.log_points(run_id, [(step, metrics)])
@@ -233,3 +235,16 @@ class Tracker:
         # MLflow 3 opens experiments in its GenAI view; this query opens the runs table, with the comparison columns.
         return (f"{host}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
                 f"&viewStateShareKey={COMPARE_VIEW}")
+
+
+class RunLog:
+    """One run's metric writes: what bench/core/pipeline.py logs through, without knowing about MLflow."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id = tracker, run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.tracker.log_points(self.run_id, [(step, metrics)])
+
+    def log_points(self, points: list[tuple[int, dict[str, float]]]) -> None:
+        self.tracker.log_points(self.run_id, points)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -19,7 +20,7 @@ from bench.errors import BenchError
 from bench.fmt import error_line
 
 GROUPS = ("method", "model", "task", "quant")
-SELECT = ("last", "best")   # train.select: which weights are tested and saved (bench/train.py)
+SELECT = ("last", "best")   # train.select: which weights are tested and saved (bench/core/train.py)
 TRACKING_TIMEOUT_S = 5
 EXAMPLES = {"model.name_or_path": "a hub id or a local model folder with config.json",
             "task.path": "a csv / tsv / jsonl / parquet file", "task.dataset": "a hub dataset id or a local folder"}
@@ -126,7 +127,7 @@ def validate(cfg) -> None:
 
     check_tracking(str(cfg.tracking.uri), cfg.tracking.experiment)
 
-    from bench import methods, models, tasks  # torch, transformers, datasets: only past the cheap checks
+    from bench.core import methods, models, tasks  # torch, transformers, datasets: only past the cheap checks
     if cfg.method.kind not in methods.KINDS:
         raise BenchError(f"method.kind: unknown kind {cfg.method.kind!r}; valid: {', '.join(methods.KINDS)}")
     if cfg.model.source not in models.SOURCES:
@@ -141,7 +142,7 @@ def validate(cfg) -> None:
 
 def check_data(task) -> None:
     """The data exist, have the text and label columns, and their labels fit the declared classes."""
-    from bench import tasks
+    from bench.core import tasks
     if task.loader == "local":
         files = tasks.local_files(task)
         frames = {split: tasks.read_table(path, key) for split, (key, path) in files.items()}
@@ -174,7 +175,7 @@ def check_data(task) -> None:
 
 def config_source(model_cfg) -> str | None:
     """Where the model's config.json is read from: a folder or a hub id; None when not available cheaply."""
-    from bench import models
+    from bench.core import models
     if model_cfg.source == "smollm2_gguf":
         from bench import assets
         folder = assets._smollm2_path()  # built once from the GGUF; before that, checked when it is built
@@ -260,11 +261,11 @@ def check_model(cfg) -> None:
         children = ", ".join(n for n, _ in model.named_children())
         raise BenchError(f"model.head_modules: {head} names no module of {kind}; its top-level modules: {children}")
     if cfg.method.kind in ("freeze", "bitfit"):
-        from bench import methods
+        from bench.core import methods
         methods.trainable_names(model, cfg.method, cfg.model)  # trainable_layers in range, blocks / biases found
     if cfg.method.kind != "peft":
         return
-    from bench import methods
+    from bench.core import methods
     try:
         pc = methods.peft_config(cfg.method, cfg.model)
     except Exception as e:  # peft's config classes raise TypeError/ValueError for bad fields
@@ -284,7 +285,7 @@ def check_model(cfg) -> None:
     target = getattr(pc, "target_modules", None)
     if target is None and "target_modules" in cfg.method:
         key = _target_key(cfg.method)
-        from bench import architectures
+        from bench.core import architectures
         raise BenchError(f"{key}: no default for model type {model.config.model_type!r} (defaults exist for "
                          f"{', '.join(sorted(architectures.FAMILIES))}); set {key}=[...] to module names of {kind}: "
                          f"{', '.join(_linear_leaf_names(model))}")
@@ -366,15 +367,56 @@ def _group_choice_error(e) -> str | None:
     return f"{group}: unknown choice {name!r}; valid: {', '.join(sorted(options))}"
 
 
-def check_command(overrides: list[str], multirun: bool, *, with_status: bool = False):
+def check_command(overrides: list[str], multirun: bool) -> list[str]:
     """Compose every job the command line describes and validate it; return the error lines (empty: all good).
 
-    Returns an empty list, too, for what this pre-check does not model (another sweeper; a sweep without -m):
-    Hydra then reports problems itself, and each job is validated before it starts. with_status=True returns
-    (errors, whether every job was checked).
+    The jobs that pass are recorded (mark_validated), so that execute() does not check them again. Returns an
+    empty list, too, for what this pre-check does not model (another sweeper; a sweep without -m): Hydra then
+    reports problems itself, and each job is validated when it starts.
     """
-    errors = _check_command(overrides, multirun)
-    return (errors or [], errors is not None) if with_status else (errors or [])
+    return _check_command(overrides, multirun) or []
+
+
+# --- one validation pass: the jobs check_command validated are not validated again ------------------------
+
+VALIDATED_ENV = "BENCH_VALIDATED"   # the command's validated jobs, for a launcher's processes (joblib)
+MAX_EXPORTED = 2000                 # above this many jobs the list stays in-process (an environment is ~128 KiB)
+_validated: set[str] = set()
+
+
+def fingerprint(cfg) -> str:
+    """A job's composed config, as Hydra hands it to execute(), hashed."""
+    import hashlib
+    return hashlib.sha256(OmegaConf.to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def mark_validated(cfgs) -> None:
+    import os
+    _validated.clear()
+    _validated.update(fingerprint(c) for c in cfgs)
+    os.environ.pop(VALIDATED_ENV, None)
+    if 0 < len(_validated) <= MAX_EXPORTED:
+        os.environ[VALIDATED_ENV] = ",".join(sorted(_validated))
+
+
+def was_validated(cfg) -> bool:
+    """True when this process's command already validated exactly this config."""
+    import os
+    fp = fingerprint(cfg)
+    return fp in _validated or fp in os.environ.get(VALIDATED_ENV, "").split(",")
+
+
+def _jobs(overrides: list[str], parsed, multirun: bool) -> list[list[str]]:
+    """The jobs of a command line, as Hydra's basic sweeper splits them: the cartesian product of the swept
+    values, in command-line order."""
+    if not multirun:
+        return [list(overrides)]
+    axes: dict[str, list[str]] = {}
+    for o in parsed:
+        key = o.get_key_element()
+        axes[key] = ([f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+                     else [f"{key}={o.get_value_element_as_str()}"])
+    return [list(job) for job in itertools.product(*axes.values())]
 
 
 def _hydra_error_line(e) -> str:
@@ -390,19 +432,18 @@ def _hydra_error_line(e) -> str:
 
 def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
     from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     if any(o.split("=", 1)[0].lstrip("+~") in ("hydra/sweeper",) for o in overrides):
         return None
-    conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
+    from bench import CONF_DIR
     failed: dict[str, list[str]] = {}  # error line -> the jobs that have it
     jobs: list = []
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(conf_dir, version_base="1.3", job_name="bench"):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="bench"):
             parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
             try:
                 parsed = parser.parse_overrides(overrides)
@@ -410,7 +451,9 @@ def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
                 return [error_line(e, with_type=False)]
             if not multirun and any(o.is_sweep_override() for o in parsed):
                 return None  # Hydra explains that a sweep needs -m
-            jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [list(overrides)]
+            if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
+                return None  # range / interval sweeps: Hydra's sweeper says what it supports
+            jobs = _jobs(overrides, parsed, multirun)
             swept = {o for job in jobs for o in job if sum(o in j for j in jobs) < len(jobs)}  # names a job
             composed = []  # (job, its config, or the line saying why it does not compose)
             for job in jobs:
@@ -419,7 +462,7 @@ def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
                 except HydraException as e:
                     composed.append((job, _hydra_error_line(e)))
             if all(not isinstance(cfg, str) and cfg.quant.name == "none" for _, cfg in composed):
-                from bench import quant_backend
+                from bench.core import quant_backend
                 quant_backend.hide_bitsandbytes()  # no job is quantized: never import bitsandbytes (peft would)
             for job, cfg in composed:
                 line = cfg if isinstance(cfg, str) else None
@@ -432,6 +475,8 @@ def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
                         line = _hydra_error_line(e)
                 if line is not None:
                     failed.setdefault(line, []).append(" ".join(o for o in job if o in swept))
+            if not failed:
+                mark_validated(cfg for _, cfg in composed)
     finally:
         GlobalHydra.instance().clear()
     if len(jobs) == 1:

@@ -3,12 +3,12 @@
 AdamW, linear warmup then linear decay, gradient clipping, length-bucketed batches with dynamic padding in a
 seeded order (identical for every method given the same seed and tokenizer), periodic evaluation on the
 validation split without grad on larger batches, a progress bar. The test split never enters this module's loop:
-bench/run.py scores it once, after training (`evaluate(..., split="test")`).
+bench/orchestration/worker.py scores it once, after training (`evaluate(..., split="test")`).
 
 The clock of time/train_s runs only around training steps (batch preparation, forward, backward, optimizer
 step). Metrics for the store are buffered and handed to `log` at evaluations, with the clock stopped.
 A method that must act after each optimizer step (AdaLoRA's rank allocation) does so through one general hook,
-`bench.methods.step_hook`; every other method gets None and the loop is unchanged.
+`bench.core.methods.step_hook`; every other method gets None and the loop is unchanged.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from bench import methods
-from bench import metrics as M
-from bench.measure import Meter, optimizer_bytes
+from bench.core import methods
+from bench.core import metrics as M
+from bench.core.measure import Meter, optimizer_bytes
 
 Points = list[tuple[int, dict[str, float]]]   # (step, metrics) pairs for the store
 FLUSH_S = 60.0   # between evaluations, buffered points still reach the store at least this often (clock stopped)
@@ -168,7 +168,7 @@ def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, 
             M.TRAIN_LOSS: last_loss,
             M.TRAIN_STEPS: steps,
             M.TRAIN_TOKENS: tokens,
-            M.MEM_TRAIN_GROWTH: meter.peak_bytes["train"] - before_train,   # see bench/measure.py
+            M.MEM_TRAIN_GROWTH: meter.peak_bytes["train"] - before_train,   # see bench/core/measure.py
             M.MEM_OPTIMIZER: opt_bytes,
             M.THROUGHPUT_TOKENS: tokens / train_s,   # real tokens (padding excluded) / time/train_s
             M.THROUGHPUT_SAMPLES: samples / train_s}

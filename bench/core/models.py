@@ -5,7 +5,7 @@
 - hub: any Hugging Face hub id or local folder (`model.name_or_path`): the path users with internet take.
 A quant other than `none` loads the weights through bitsandbytes; the new head stays unquantized.
 bitsandbytes' CPU quirks (its import-time kernel warning, its AVX512-BF16 inference packing) are handled here and
-in bench/quant_backend.py.
+in bench/core/quant_backend.py.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from bench import quant_backend
+from bench.core import quant_backend
 from bench.errors import BenchError
 
-quant_backend.quiet()  # before anything imports peft, which imports bitsandbytes (see bench/quant_backend.py)
+quant_backend.quiet()  # before anything imports peft, which imports bitsandbytes (see bench/core/quant_backend.py)
 
 SOURCES = ("package", "smollm2_gguf", "hub")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from bench import procs
+from bench.orchestration import procs
 from bench.files import sha256_file
 
 KEY_VERSION = 2   # 2: validation/test protocol (val/*, test/*): runs of version 1 are not reused

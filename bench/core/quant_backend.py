@@ -5,8 +5,8 @@ bitsandbytes >= 0.49 on a CPU with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids
 load CPU gemm_4bit_forward from kernels-community ..." (logger `bitsandbytes.backends.cpu.ops`). peft imports
 bitsandbytes at `import peft` whenever it is installed (peft/helpers.py), and transformers' trainer utilities import
 peft, so every process of the harness imports bitsandbytes, quantized run or not. `quiet()` must therefore run
-before anything imports peft: bench.models calls it at import, and every harness path (python -m bench, the
-bench.run worker, bench.sweep) imports bench.models before peft. A 4-bit run on CPU then prints `cpu_note()`.
+before anything imports peft: bench.core.models calls it at import, and every harness path (python -m bench, the
+bench.orchestration.worker worker, bench.sweep) imports bench.core.models before peft. A 4-bit run on CPU then prints `cpu_note()`.
 
 A process that will run no quantized job can skip the import altogether: with BENCH_HIDE_BITSANDBYTES=1 in its
 environment (or after `hide_bitsandbytes()`, before peft is imported) bitsandbytes counts as not installed there.

@@ -1,6 +1,6 @@
 """Signals, dead workers and out-of-memory: how a fault becomes a run status instead of a mess.
 
-- SIGINT / SIGTERM raise `Interrupted` (a KeyboardInterrupt, so bench.run.run ends the run KILLED); the
+- SIGINT / SIGTERM raise `Interrupted` (a KeyboardInterrupt, so bench.orchestration.worker.run ends the run KILLED); the
   parent forwards them to its worker process and stops the multirun once the worker has closed its run.
 - A worker process that dies without writing its result (SIGKILL, often the OS out-of-memory killer) fails
   its run, not the multirun.
@@ -61,7 +61,7 @@ def _main_thread() -> bool:
 def raise_on_signals(stop_workers: bool = False) -> None:
     """First SIGINT/SIGTERM raises Interrupted; later ones are ignored so the run can be closed in peace.
 
-    stop_workers (the Hydra process): first let the `bench.run` workers below close their runs (KILLED)."""
+    stop_workers (the Hydra process): first let the `bench.orchestration.worker` workers below close their runs (KILLED)."""
     if not _main_thread():
         return
 
@@ -77,11 +77,11 @@ def raise_on_signals(stop_workers: bool = False) -> None:
 
 
 def stop_descendant_workers(signum: int, grace_s: float = GRACE_S) -> None:
-    """Forward a signal to every `bench.run` worker below this process (e.g. under joblib's worker processes)
+    """Forward a signal to every `bench.orchestration.worker` worker below this process (e.g. under joblib's worker processes)
     and wait until they have closed their runs; joblib would otherwise SIGKILL them mid-run."""
     try:
         workers = [p for p in psutil.Process().children(recursive=True)
-                   if "bench.run" in " ".join(p.cmdline())]
+                   if "bench.orchestration.worker" in " ".join(p.cmdline())]
     except psutil.Error:
         return
     for p in workers:

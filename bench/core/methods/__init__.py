@@ -83,7 +83,7 @@ def trainable_names(model, method_cfg, model_cfg) -> set[str]:
 def peft_config(method_cfg, model_cfg):
     import peft
 
-    import bench.methods.bottleneck  # noqa: F401  registers the BOTTLENECK peft method
+    import bench.core.methods.bottleneck  # noqa: F401  registers the BOTTLENECK peft method
 
     spec = OmegaConf.to_container(method_cfg.peft, resolve=True)
     spec["task_type"] = "SEQ_CLS"
@@ -208,7 +208,7 @@ def reload(base_model, method_cfg, ckpt_dir: Path):
     if method_cfg.kind == "peft":
         import peft
 
-        import bench.methods.bottleneck  # noqa: F401
+        import bench.core.methods.bottleneck  # noqa: F401
         model = peft.PeftModel.from_pretrained(base_model, ckpt_dir)
         tuner = model.base_model
         if isinstance(tuner, peft.AdaLoraModel) and not hasattr(tuner, "trainable_adapter_name"):

@@ -12,9 +12,9 @@ from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
 
-from bench import metrics as M
+from bench.core import metrics as M
 from bench.fmt import human_bytes
-from bench.run import Result
+from bench.orchestration.worker import Result
 
 
 def table(results: list[Result]) -> Table:

@@ -11,11 +11,11 @@ records the modules it actually targeted.
   for LoRA, IA3 and LN-tuning; `peft.utils.TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING`), where peft has an
   entry for the model type; else the family's value below.
 - adapter_houlsby, adapter_pfeiffer, adapter_parallel: the bottleneck-adapter sites of the family (see
-  bench/methods/bottleneck.py for what each wrapper computes).
+  bench/core/methods/bottleneck.py for what each wrapper computes).
 - head_modules: the model's top-level modules with parameters outside its backbone (`classifier` for BERT-style
   encoders, `score` for decoders); quant_skip_modules: those plus `pooler` where the backbone has one.
 
-A model type outside FAMILIES resolves to null; bench.config.check_model then names the key to set.
+A model type outside FAMILIES resolves to null; bench.orchestration.validate.check_model then names the key to set.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def quant_skip_default(model) -> list[str]:
 
 @functools.cache
 def _defaults(source: str, trust_remote_code: bool) -> dict:
-    from bench import config
+    from bench.orchestration import validate as config
     model = config.meta_model(source, trust_remote_code)
     model_type = model.config.model_type
     out = {role: target_default(role, model_type) for role in TARGET_ROLES}
@@ -86,8 +86,8 @@ def _defaults(source: str, trust_remote_code: bool) -> dict:
 
 def defaults(model_cfg) -> dict | None:
     """Every role's default for this model YAML's model, or None when its config.json cannot be read (validation,
-    bench.config.check_model, reports that as one line)."""
-    from bench import config
+    bench.orchestration.validate.check_model, reports that as one line)."""
+    from bench.orchestration import validate as config
     try:
         source = config.config_source(model_cfg)
         return None if source is None else _defaults(source, bool(model_cfg.trust_remote_code))

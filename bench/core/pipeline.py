@@ -1,0 +1,125 @@
+"""One run, the straight line, read top to bottom:
+
+    task data -> backbone (+ quantization) -> method -> train (+ periodic validation) -> test once -> save
+
+`build(cfg)` makes a run's parts (used by `run`, sweeps and tests alike); `run(cfg, ...)` measures one run and
+returns its metrics. Where they go is the caller's business (bench/orchestration/worker.py logs them to MLflow):
+this module takes a `log` object with `log_metrics(metrics, step)` and `log_points(points)` and nothing else.
+The config arrives validated (bench/orchestration/validate.py); nothing here checks it again.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from bench.core import methods, models, tasks, train
+from bench.core import metrics as M
+from bench.core.measure import Meter, grad_bytes, weights_bytes
+from bench.errors import BenchError
+from bench.files import atomic_path
+
+
+class Log(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
+    def log_points(self, points: list[tuple[int, dict[str, float]]]) -> None: ...
+
+
+@dataclass
+class Parts:
+    """What one run is made of, built from its config."""
+    data: tasks.TaskData
+    tokenizer: object
+    model: torch.nn.Module
+    train: object          # tokenized datasets.Dataset splits
+    validation: object
+    test: object
+    device: torch.device
+
+
+@dataclass
+class Outcome:
+    """What `run` measured: the metrics under their registry names (bench/core/metrics.py), tags, and where the
+    test predictions were written."""
+    metrics: dict[str, float]
+    tags: dict[str, str] = field(default_factory=dict)
+    predictions: Path | None = None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchError("device: cuda requested but no CUDA device is available; valid here: auto, cpu")
+    return torch.device(name)
+
+
+def build(cfg, device: torch.device | None = None) -> Parts:
+    """The run's data, tokenizer and model under its method, seeded so that only the method differs."""
+    device = device or pick_device(cfg.device)
+    seed = int(cfg.seed)
+    data = tasks.load(cfg.task, seed)
+    _seed(seed)  # the new head's init depends on the seed only, not on the method
+    model, tokenizer = models.load(cfg.model, cfg.quant, data.num_labels, device)
+    _seed(seed)  # set again right before the method is built, so the seed reaches adapter initialization
+    model = methods.apply(model, cfg.method, cfg.model)
+    train_ds, val_ds, test_ds = tasks.tokenize(data, tokenizer, cfg.train.max_length)
+    return Parts(data, tokenizer, model, train_ds, val_ds, test_ds, device)
+
+
+def run(cfg, out_dir: Path, device: torch.device, log: Log, *, on_eval=None) -> Outcome:
+    """Build, train with periodic validation, test once, save; return every end-of-run metric."""
+    started = time.perf_counter()  # time/total_s: wall-clock from here (before data and model load) to saved ckpt
+    out_dir = Path(out_dir)
+    meter = Meter(device)
+    parts = build(cfg, device)
+    model = parts.model
+    trainable, total = methods.count_parameters(model)
+    log.log_metrics({M.PARAMS_TRAINABLE: trainable, M.PARAMS_TOTAL: total})  # a run that fails later has them too
+
+    metrics = train.fit(model, parts.train, parts.validation, parts.tokenizer, cfg.train, seed=int(cfg.seed),
+                        num_labels=parts.data.num_labels, device=device, meter=meter, on_eval=on_eval,
+                        log=log.log_points)
+    # the one test evaluation: the final (train.select) weights on the test split, after all selection
+    meter.start("eval")
+    test, predictions = train.evaluate(model, parts.test, parts.tokenizer, cfg.train.eval_batch_size,
+                                       parts.data.num_labels, device, split="test")
+    meter.stop("eval")
+    ckpt_bytes = methods.save(model, cfg.method, out_dir / "ckpt")
+    metrics.update(test)
+    metrics.update({
+        M.PARAMS_TRAINABLE: trainable,                       # parameters with requires_grad during training
+        M.PARAMS_TOTAL: total,                               # see methods.count_parameters
+        M.PARAMS_TRAINABLE_PCT: 100.0 * trainable / total,
+        M.CKPT_BYTES: ckpt_bytes,                            # see methods.save
+        M.MEM_WEIGHTS: weights_bytes(model),                 # see bench/core/measure.py
+        M.MEM_GRAD: grad_bytes(model),
+        M.TIME_TRAIN: meter.seconds["train"],                # training steps only: no evaluation, no store I/O
+        M.TIME_EVAL: meter.seconds["eval"],                  # all periodic evaluations + the test evaluation
+        M.TIME_TOTAL: time.perf_counter() - started,
+        M.MEM_PEAK_TRAIN: meter.peak_bytes["train"],         # see bench/core/measure.py
+        M.MEM_PEAK_EVAL: meter.peak_bytes["eval"],
+    })
+    if device.type == "cuda":
+        metrics[M.MEM_PEAK_TRAIN_RESERVED] = meter.peak_reserved_bytes["train"]
+        metrics[M.MEM_PEAK_EVAL_RESERVED] = meter.peak_reserved_bytes["eval"]
+    tags = {"mem_source": "cuda_allocated" if device.type == "cuda"
+            else ("rss_phase_peak" if meter.rss_resettable else "rss_lifetime_peak")}
+    return Outcome(metrics, tags, write_predictions(predictions, out_dir))
+
+
+def write_predictions(predictions, out_dir: Path) -> Path:
+    """The test predictions (index, label, prediction) as out_dir/predictions/test.parquet, written atomically."""
+    path = Path(out_dir) / M.PREDICTIONS_ARTIFACT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        predictions.to_parquet(tmp, index=False)
+    return path
+
+
+def _seed(seed: int) -> None:
+    from transformers import set_seed
+    set_seed(seed)  # python, numpy and torch (all devices)

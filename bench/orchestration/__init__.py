@@ -1,0 +1,1 @@
+"""What keeps runs alive: validation, the job (resume, skip, worker process), the worker, faults, locks."""

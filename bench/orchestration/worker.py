@@ -1,0 +1,133 @@
+"""The worker: one job's run with its MLflow record, in the process that measures it.
+
+`python -m bench.orchestration.worker --config C --run-id R --out-dir D` runs one job in a fresh process (the
+parent, bench/orchestration/job.py, starts one per job so that no run's memory figures depend on the runs before
+it). `run_job` wraps bench/core/pipeline.py's `run` between the MLflow run's start and its end (FINISHED, FAILED
+with the reason, or KILLED), and writes result.json for the parent. The config arrives validated by the parent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from bench.core import metrics as M
+from bench.core import pipeline
+from bench.errors import BenchError
+from bench.files import atomic_path
+from bench.fmt import error_line
+from bench.orchestration.faults import die_with_parent, is_out_of_memory, raise_on_signals
+from bench.tracking import Tracker, provenance, run_name
+
+
+@dataclass
+class Result:
+    """What a run produced; `metrics` keys are the exact MLflow metric names (README: Metrics)."""
+    name: str
+    status: str                                   # FINISHED | FAILED | KILLED
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    skipped: bool = False                         # not run again: a FINISHED run with the same run key existed
+
+    def write(self, out_dir: Path) -> Path:
+        """result.json, written atomically (temp file, then rename)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "result.json"
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def read(cls, out_dir: Path) -> "Result | None":
+        path = Path(out_dir) / "result.json"
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+def run_job(cfg, out_dir: Path, *, run_id: str | None = None, tracker: Tracker | None = None,
+            on_eval=None) -> Result:
+    """One job's run with its MLflow record: bench.core.pipeline.run between the run's start and end.
+    A run that raises is ended FAILED (KILLED on interrupt) and re-raised. The config arrives validated."""
+    out_dir = Path(out_dir)
+    quiet_libraries()
+    tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    run_id = run_id or tracker.start(cfg)
+    result = Result(name=run_name(cfg), status="RUNNING", run_id=run_id)
+    try:
+        tracker.log_config(run_id, cfg)
+        if cfg.train.threads:
+            torch.set_num_threads(int(cfg.train.threads))   # before provenance, which records it
+        device = pipeline.pick_device(cfg.device)
+        tracker.set_tags(run_id, provenance(device))
+        outcome = pipeline.run(cfg, out_dir, device, tracker.bind(run_id), on_eval=on_eval)
+        tracker.log_file(run_id, outcome.predictions, M.PREDICTIONS_ARTIFACT)
+        result.metrics, result.tags = outcome.metrics, outcome.tags
+        logged = set(M.HISTORY)  # already in the store with their step history (train.fit)
+        tracker.log_metrics(run_id, {k: v for k, v in result.metrics.items() if k not in logged},
+                            step=int(result.metrics[M.TRAIN_STEPS]))
+        tracker.set_tags(run_id, result.tags)
+        result.status = "FINISHED"
+        tracker.log_json(run_id, asdict(result), "result.json")
+        result.write(out_dir)
+        tracker.end(run_id, "FINISHED")
+        return result
+    except BaseException as e:
+        # an exception may name its own outcome (e.g. a sweep's pruned trial: KILLED + the step it stopped at)
+        result.status = "KILLED" if isinstance(e, KeyboardInterrupt) else getattr(e, "mlflow_status", "FAILED")
+        result.error = error_line(e)
+        if is_out_of_memory(e):
+            result.error = f"out of memory: {result.error}"
+        result.tags.update(getattr(e, "mlflow_tags", {}))
+        result.write(out_dir)
+        try:
+            tracker.set_tags(run_id, result.tags)
+            tracker.end(run_id, result.status, result.error)
+        except Exception:  # the store itself may be what failed; the result file still says why
+            pass
+        raise
+
+
+def quiet_libraries() -> None:
+    """Keep the console to the harness's own lines and the training progress bar."""
+    import warnings
+
+    import datasets
+    import transformers
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()  # e.g. the load report listing the new head's weights
+    transformers.logging.disable_progress_bar()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Run one job from a resolved config (used by `python -m bench`).")
+    p.add_argument("--config", required=True, help="resolved config YAML")
+    p.add_argument("--run-id", required=True, help="MLflow run opened by the parent process")
+    p.add_argument("--out-dir", required=True)
+    a = p.parse_args(argv)
+    die_with_parent()   # a SIGKILLed parent takes its worker along (which then ends its run KILLED)
+    raise_on_signals()  # SIGTERM, like SIGINT, ends the run KILLED
+    cfg = OmegaConf.load(a.config)
+    try:
+        from bench.orchestration.resume import process_tags
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        tracker.set_tags(a.run_id, process_tags("worker"))  # this process holds the run now, too
+        run_job(cfg, Path(a.out_dir), run_id=a.run_id, tracker=tracker)
+    except KeyboardInterrupt as e:
+        return getattr(e, "exit_code", 130)
+    except Exception as e:
+        print(f"error: {error_line(e)}")
+        if not isinstance(e, BenchError):
+            traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
