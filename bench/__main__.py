@@ -21,7 +21,8 @@ HYDRA_FLAGS_WITHOUT_JOBS = ("--cfg", "--help", "--hydra-help", "--info", "--shel
 # the pre-check composes conf/config.yaml; with another config (or Hydra's rerun of a saved one) it checks nothing and
 # each job is validated when it starts
 HYDRA_FLAGS_OTHER_CONFIG = ("--config-path", "--config-name", "--config-dir", "--experimental-rerun")
-USAGE = "usage: python -m bench [--rerun] [-m] [key=value ...] (--hydra-help lists Hydra's flags)"
+USAGE = ("usage: python -m bench [--rerun] [-m] [key=value ...] (--hydra-help lists Hydra's flags); "
+         "bench [run|sweep|report|assets] ...")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -81,9 +82,26 @@ def _preflight(argv: list[str]) -> int:
     return 2 if errors else 0
 
 
+SUBCOMMANDS = {  # `bench <name> ...` = `python -m <module> ...`; `bench run ...` and plain `bench ...` = `python -m bench`
+    "sweep": "bench.sweep.cli", "report": "bench.report", "assets": "bench.assets"}
+
+
+def _subcommand(argv: list[str]) -> None:
+    """`bench sweep|report|assets ...`: hand the rest of the line to that command's main; exit with its code."""
+    import importlib
+    module = importlib.import_module(SUBCOMMANDS[argv[0]])
+    sys.argv = [f"bench {argv[0]}", *argv[1:]]
+    raise SystemExit(module.main(argv[1:]))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m bench`: argv defaults to the command line's arguments."""
-    argv = hydra_argv(sys.argv[1:] if argv is None else argv)
+    """`python -m bench` / `bench`: argv defaults to the command line's arguments."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        _subcommand(argv)
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    argv = hydra_argv(argv)
     sys.argv = [sys.argv[0], *argv]
     faults.raise_on_signals(stop_workers=True)
     try:
