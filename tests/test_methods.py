@@ -8,7 +8,7 @@ from transformers import set_seed
 
 from bench.core import methods, models, pipeline, tasks, train
 from bench.core.measure import Meter
-from tests.conftest import METHODS, compose
+from tests.conftest import METHODS, ROOT, compose
 
 CPU = torch.device("cpu")
 
@@ -29,6 +29,62 @@ def test_every_method_yaml_is_tested():
     assert {"full", "head", "lora", "adapter", "adapter_pfeiffer", "prefix", "ptuning_v2", "prompt", "ptuning",
             "ia3", "freeze", "bitfit", "adalora", "oft", "boft", "hra", "ln_tuning", "fourierft", "vblora", "pissa",
             "olora"} <= set(METHODS)
+
+
+def _numbers_bumped(method_cfg) -> list[str]:
+    """Overrides giving every numeric knob of a method a new value (peft's config classes accept them all)."""
+    return [f"method.{k}={v + 1 if isinstance(v, int) else v + 0.125}" for k, v in method_cfg.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in methods.HARNESS_KEYS]
+
+
+def test_peft_method_yamls_name_each_knob_once_and_peft_gets_it():
+    """No key twice in a peft method YAML (no `peft:` block, no key an alias of another); peft's config gets every
+    knob through the one mapping (methods.PEFT_FIELDS), defaults and overrides alike (method.alpha=9 is lora_alpha)."""
+    import yaml
+    from omegaconf import OmegaConf
+    checked = 0
+    for method in METHODS:
+        raw = yaml.safe_load((ROOT / "conf" / "method" / f"{method}.yaml").read_text())
+        if raw["kind"] != "peft":
+            continue
+        assert "peft" not in raw, f"{method}: a `peft:` block repeats the knobs"
+        assert not [k for k, v in raw.items() if isinstance(v, str) and v.startswith("${.")], \
+            f"{method}: a key that only repeats another"
+        fields = [methods.peft_field(k, raw["peft_type"]) for k in raw if k not in methods.HARNESS_KEYS]
+        assert len(fields) == len(set(fields)), f"{method}: two keys set one peft field: {sorted(fields)}"
+        default = compose(f"method={method}").method
+        for cfg in (default, compose(f"method={method}", *_numbers_bumped(default)).method):
+            spec = OmegaConf.to_container(cfg, resolve=True)
+            config = methods.peft_config(cfg, compose().model)
+            assert config.peft_type == spec["peft_type"] and config.task_type == "SEQ_CLS"
+            for key, value in spec.items():
+                if key in methods.HARNESS_KEYS:
+                    continue
+                got = getattr(config, methods.peft_field(key, spec["peft_type"]))
+                want = set(value) if isinstance(value, list) and isinstance(got, set) else value
+                assert got == want, (method, key, got, want)
+        checked += 1
+    assert checked == sum(compose(f"method={m}").method.kind == "peft" for m in METHODS) >= 20
+    lora = methods.peft_config(compose("method=lora", "method.alpha=9", "method.dropout=0.25").method,
+                               compose().model)
+    assert (lora.lora_alpha, lora.lora_dropout) == (9, 0.25)
+    boft = methods.peft_config(compose("method=boft", "method.block_size=8").method, compose().model)
+    assert boft.boft_block_size == 8
+
+
+@pytest.mark.parametrize("method,override,message", [
+    ("lora", "+method.nonsense=1", r"^method.nonsense: not a field of peft's LoraConfig for peft_type LORA; valid: "
+                                   r".*\balpha \(= lora_alpha\), .*\br, "),
+    ("lora", "+method.lora_alpha=4", r"^method.lora_alpha: sets peft's lora_alpha, as method.alpha does; keep one"),
+    ("adapter", "+method.peft={peft_type:BOTTLENECK}", r"^method.peft: not a field of peft's BottleneckConfig for "
+                                                        r"peft_type BOTTLENECK \(the peft: block is gone"),
+    ("adapter", "+method.alpha=4", r"^method.alpha: not a field of peft's BottleneckConfig .*valid: .*dropout, "),
+    ("lora", "method.peft_type=LORAX", r"^method.peft_type: unknown peft type 'LORAX'; valid: .*BOTTLENECK.*LORA"),
+])
+def test_peft_config_refuses_a_key_peft_does_not_take(method, override, message):
+    from bench.errors import BenchError
+    with pytest.raises(BenchError, match=message):
+        methods.peft_config(compose(f"method={method}", override).method, compose().model)
 
 
 # the fast subset trains one method of each kind and mechanism; the rest (same code paths, other peft classes) are slow
@@ -75,7 +131,7 @@ def test_method_trains_tiny_random_bert(method, tiny_overrides, tmp_path):
     set_seed(cfg.seed + 1)  # a different seed: the reloaded head must come from the checkpoint, not the RNG
     base, _ = models.load(cfg.model, cfg.quant, data.num_labels, CPU)
     reloaded = methods.reload(base, cfg.method, ckpt)
-    if cfg.method.get("peft", {}).get("peft_type") == "ADALORA":
+    if cfg.method.get("peft_type") == "ADALORA":
         # peft stores AdaLoRA at its allocated ranks (pruned triplets dropped) and rebuilds the smaller matrices on
         # reload: the same function through narrower matmuls, so equal up to float rounding (measured: 4e-9)
         torch.testing.assert_close(logits(reloaded, tok, eval_ds), expected, rtol=0, atol=1e-6)

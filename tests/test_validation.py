@@ -48,8 +48,11 @@ CASES = [
      r"valid names \(linear layers\): classifier, dense, key, query, value"),
     ("target_modules regex matches nothing", ["method=adapter", "model.target_modules.adapter_houlsby=.*\\.mlp"],
      r"^method.target_modules: '.\*\\\.mlp' matches no module of BertForSequenceClassification"),
-    ("peft rejects a field", ["+method.peft.nonsense=1"],
-     r"^method.peft: peft rejects the lora config: .*unexpected keyword argument 'nonsense'"),
+    ("key no peft field", ["+method.nonsense=1"],
+     r"^method.nonsense: not a field of peft's LoraConfig for peft_type LORA; valid: .*\balpha \(= lora_alpha\), .*"
+     r"dropout \(= lora_dropout\), .*, r, .*target_modules"),
+    ("peft rejects a value", ["method=oft", "+method.r=4"],
+     r"^method=oft: peft rejects the config: You can only specify either r \(4\) or oft_block_size \(32\)"),
     ("head_modules match nothing", ["model.head_modules=[score]"],
      r"^model.head_modules: \['score'\] names no module of BertForSequenceClassification; "
      r"its top-level modules: bert, dropout, classifier$"),

@@ -47,15 +47,14 @@ def _check_new_method_knobs(cfg) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise BenchError(f"method.trainable_layers: must be an integer from 0 to the model's number of transformer "
                              f"blocks (num_hidden_layers), got {k!r}")
-    peft_spec = m.get("peft") or {}
-    if "total_step" in peft_spec:
+    if "total_step" in m:
         if cfg.train.max_steps is None:
             raise BenchError(f"train.max_steps: method={m.name} schedules over a step count fixed before the run; "
                              f"set train.max_steps (train.epochs alone is not supported for it)")
-        if peft_spec.total_step != cfg.train.max_steps:
-            raise BenchError(f"method.peft.total_step: {peft_spec.total_step!r} differs from the run's "
+        if m.total_step != cfg.train.max_steps:
+            raise BenchError(f"method.total_step: {m.total_step!r} differs from the run's "
                              f"train.max_steps={cfg.train.max_steps}; valid: leave it at ${{train.max_steps}}")
-    factor = peft_spec.get("boft_n_butterfly_factor", 1)
+    factor = m.get("n_butterfly_factor", 1)
     if isinstance(factor, int) and factor > 1 and not _cuda_run(cfg):
         raise BenchError(f"method.n_butterfly_factor: {factor} needs peft's CUDA kernel (fbd_cuda); without CUDA "
                          "peft silently trains with 1; valid here: 1")
@@ -268,8 +267,10 @@ def check_model(cfg) -> None:
     from bench.core import methods
     try:
         pc = methods.peft_config(cfg.method, cfg.model)
-    except Exception as e:  # peft's config classes raise TypeError/ValueError for bad fields
-        raise BenchError(f"method.peft: peft rejects the {cfg.method.name} config: "
+    except BenchError:   # a key that is no field of peft's config class: names method.<key>
+        raise
+    except Exception as e:  # peft's config classes raise TypeError/ValueError for bad values
+        raise BenchError(f"method={cfg.method.name}: peft rejects the config: "
                          f"{error_line(e, with_type=False)}") from e
     if pc.is_prompt_learning:
         backbone = getattr(model, model.base_model_prefix, model)

@@ -281,15 +281,13 @@ def _variants(method: str, runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
     differing = sorted(k for k in {k for s in settings for k in s} if len({s.get(k) for s in settings}) > 1)
     if not differing:
         return {method: runs}
-    # the peft block repeats the method's own knobs: show it only when nothing else tells the variants apart
-    shown = [k for k in differing if not k.startswith("method.peft.")] or differing
     parts: dict[tuple, list[RunRecord]] = defaultdict(list)
     for run, s in zip(runs, settings):
         parts[tuple(s.get(k) for k in differing)].append(run)
     out: dict[str, list[RunRecord]] = {}
     for ident in sorted(parts, key=lambda t: tuple(map(str, t))):
         values = dict(zip(differing, ident))
-        named = [f"{_short(k)}={values[k]}" for k in shown if values[k] is not None]  # unset: the default
+        named = [f"{_short(k)}={values[k]}" for k in differing if values[k] is not None]  # unset: the default
         label = f"{method} ({', '.join(named)})" if named else method
         out[label if label not in out else f"{label} #{sum(k.startswith(label) for k in out) + 1}"] = parts[ident]
     return out

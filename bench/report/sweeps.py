@@ -88,7 +88,7 @@ def studies(runs: list[RunRecord]) -> list[Study]:
         done = study.finished
         settings = [run_settings(r) for r in done]
         study.searched = sorted(k for k in {k for s in settings for k in s} if len({s.get(k) for s in settings}) > 1
-                                and not k.startswith("method.peft.") and k != "hardware")  # config keys only
+                                and k != "hardware")  # config keys only
         sign = -1 if direction == "maximize" else 1
         study.best = min(done, key=lambda r: (sign * r.metrics[objective], _trial_number(r), r.run_id), default=None)
         out.append(study)

@@ -5,8 +5,10 @@
 - freeze: frozen fine-tuning: the top `method.trainable_layers` transformer blocks and the head train; the
   embeddings, the lower blocks and whatever sits outside the blocks (BERT's pooler, a final norm) stay frozen.
 - bitfit: BitFit (Ben Zaken et al., 2022): every bias term of the backbone and the head train.
-- peft: the YAML's `peft:` block is handed to peft's config class for its `peft_type`, as written; the task head
-  trains too (peft `modules_to_save`). The bottleneck adapters are a peft method registered in bottleneck.py.
+- peft: the YAML's keys (but the harness's own: name, kind, lr, ...) are handed to peft's config class for its
+  `peft_type`, each knob under one name: its public name, mapped to peft's field name by PEFT_FIELDS where the two
+  differ (`method.alpha` -> `lora_alpha`); the task head trains too (peft `modules_to_save`). The bottleneck adapters
+  are a peft method registered in bottleneck.py.
 
 `step_hook` is the one place a method acts inside the common training loop (AdaLoRA's rank allocation).
 """
@@ -80,12 +82,60 @@ def trainable_names(model, method_cfg, model_cfg) -> set[str]:
     raise BenchError(f"method.kind: {method_cfg.kind!r} is not one of {', '.join(PARTIAL_KINDS)}")
 
 
-def peft_config(method_cfg, model_cfg):
-    import peft
+# keys of a peft method YAML that belong to the harness, never handed to peft (peft_type picks the config class)
+HARNESS_KEYS = ("name", "kind", "lr", "peft_type", "trainable_layers")
+# the one place public knob names meet peft's field names: {public name: {peft_type: peft's field}}, for the names
+# that differ; every other key of a method YAML is already the field's own name (r, alpha of LoHa / LoKr, ...)
+PEFT_FIELDS = {
+    "alpha": {"LORA": "lora_alpha", "ADALORA": "lora_alpha"},
+    "dropout": {"LORA": "lora_dropout", "ADALORA": "lora_dropout", "BOFT": "boft_dropout", "OFT": "module_dropout",
+                "VBLORA": "vblora_dropout"},
+    "block_size": {"BOFT": "boft_block_size", "OFT": "oft_block_size"},
+    "n_butterfly_factor": {"BOFT": "boft_n_butterfly_factor"},
+}
+
+
+def peft_field(key: str, peft_type: str) -> str:
+    """peft's field name for the method key `key` under `peft_type`."""
+    return PEFT_FIELDS.get(key, {}).get(peft_type, key)
+
+
+def peft_spec(method_cfg) -> dict:
+    """The arguments of peft's config class for method.peft_type, from the method's keys (public names mapped to
+    peft's fields); BenchError naming method.<key> for a key that is none of that class's fields."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     import bench.core.methods.bottleneck  # noqa: F401  registers the BOTTLENECK peft method
 
-    spec = OmegaConf.to_container(method_cfg.peft, resolve=True)
+    spec = OmegaConf.to_container(method_cfg, resolve=True)
+    peft_type = spec.get("peft_type")
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) if isinstance(peft_type, str) else None
+    if config_cls is None:
+        raise BenchError(f"method.peft_type: unknown peft type {peft_type!r}; valid: "
+                         f"{', '.join(sorted(getattr(t, 'value', t) for t in PEFT_TYPE_TO_CONFIG_MAPPING))}")
+    fields = {f.name for f in dataclasses.fields(config_cls) if f.init} - {"peft_type", "task_type"}
+    kwargs, named = {}, {}
+    for key, value in spec.items():
+        if key in HARNESS_KEYS:
+            continue
+        field = peft_field(key, peft_type)
+        if field not in fields:
+            public = {PEFT_FIELDS[k][peft_type]: k for k in PEFT_FIELDS if peft_type in PEFT_FIELDS[k]}
+            valid = sorted(f"{public[f]} (= {f})" if f in public else f for f in fields)
+            hint = " (the peft: block is gone: set its fields at the top level of the method)" if key == "peft" else ""
+            raise BenchError(f"method.{key}: not a field of peft's {config_cls.__name__} for peft_type {peft_type}"
+                             f"{hint}; valid: {', '.join(valid)}")
+        if field in named:
+            raise BenchError(f"method.{key}: sets peft's {field}, as method.{named[field]} does; keep one of them")
+        kwargs[field], named[field] = value, key
+    return {"peft_type": peft_type, **kwargs}
+
+
+def peft_config(method_cfg, model_cfg):
+    """peft's config for a peft method: its keys through peft_spec, task SEQ_CLS, the task head trained too."""
+    import peft
+
+    spec = peft_spec(method_cfg)
     spec["task_type"] = "SEQ_CLS"
     config = peft.get_peft_config(spec)
     if "modules_to_save" in {f.name for f in dataclasses.fields(config)} and config.modules_to_save is None:
@@ -150,7 +200,7 @@ def step_hook(model, total_steps: int):
         return None
     scheduled = getattr(model.peft_config[model.active_adapter], "total_step", None)
     if scheduled is not None and scheduled != total_steps:
-        raise ValueError(f"method.peft.total_step: {scheduled}, but the run has {total_steps} steps; they must agree")
+        raise ValueError(f"method.total_step: {scheduled}, but the run has {total_steps} steps; they must agree")
     return update
 
 
