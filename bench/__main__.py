@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [sys.argv[0], *argv]
     faults.raise_on_signals(stop_workers=True)
     try:
+        if not any(f in HYDRA_FLAGS_WITHOUT_JOBS for f in argv):
+            from bench.orchestration import launch
+            launch.warm_up()  # the workers' template imports while the pre-check runs
         code = _preflight(argv)
         if code:
             raise SystemExit(code)

@@ -79,9 +79,9 @@ def raise_on_signals(stop_workers: bool = False) -> None:
 def stop_descendant_workers(signum: int, grace_s: float = GRACE_S) -> None:
     """Forward a signal to every `bench.orchestration.worker` worker below this process (e.g. under joblib's worker processes)
     and wait until they have closed their runs; joblib would otherwise SIGKILL them mid-run."""
+    from bench.orchestration.launch import is_worker
     try:
-        workers = [p for p in psutil.Process().children(recursive=True)
-                   if "bench.orchestration.worker" in " ".join(p.cmdline())]
+        workers = [p for p in psutil.Process().children(recursive=True) if is_worker(p)]
     except psutil.Error:
         return
     for p in workers:
@@ -128,7 +128,8 @@ def wait_worker(proc, caught: dict) -> int:
 
 
 def die_with_parent() -> None:
-    """Linux: SIGTERM this process when its parent dies (so a SIGKILLed multirun leaves no worker training)."""
+    """Linux: SIGTERM this process when its parent dies (so a SIGKILLed multirun leaves no worker training).
+    A warm fork's parent is the template process, which exits when the process that started the job does."""
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
@@ -136,6 +137,7 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return
-    expected = os.environ.get("BENCH_PARENT_PID")
-    if expected and os.getppid() != int(expected):  # the parent died before prctl took effect
+    expected = os.environ.get("BENCH_PARENT_PID")  # the process that started this job
+    # it died before prctl took effect (a warm fork's parent is the template, so ask whether it still exists)
+    if expected and os.getppid() != int(expected) and not psutil.pid_exists(int(expected)):
         os.kill(os.getpid(), signal.SIGTERM)

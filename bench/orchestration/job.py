@@ -11,7 +11,6 @@ worker's `run_job` directly). Each job:
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from omegaconf import OmegaConf
 from bench.core.quant_backend import HIDE_ENV
 from bench.errors import BenchError
 from bench.fmt import error_line
-from bench.orchestration import faults, resume
+from bench.orchestration import faults, launch, resume
 from bench.orchestration.validate import VALIDATED_ENV, validate, was_validated
 from bench.orchestration.worker import Result, run_job
 from bench.tracking import Tracker, run_name
@@ -101,8 +100,7 @@ def execute(cfg, out_dir: Path):
     env.pop(HIDE_ENV, None)
     if cfg.quant.name == "none":
         env[HIDE_ENV] = "1"  # bench/core/quant_backend.py: this worker never imports bitsandbytes
-    proc = subprocess.Popen([sys.executable, "-m", "bench.orchestration.worker", "--config", str(config_path),
-                             "--run-id", run_id, "--out-dir", str(out_dir)], env=env)
+    proc = launch.start_worker(cfg, config_path, run_id, out_dir, env)
     with faults.forwarding_signals(proc) as caught:
         returncode = faults.wait_worker(proc, caught)
     signum = caught.get("signum") or faults.interrupted_exit(returncode)

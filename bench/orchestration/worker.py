@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from omegaconf import OmegaConf
 
 from bench.core import metrics as M
 from bench.core import pipeline
+from bench.core.quant_backend import HIDE_ENV
 from bench.errors import BenchError
 from bench.files import atomic_path
 from bench.fmt import error_line
@@ -127,6 +130,17 @@ def main(argv=None) -> int:
             traceback.print_exc()
         return 1
     return 0
+
+
+def forked_main(argv: list[str], env: dict[str, str]) -> None:
+    """The worker forked from the warm template (bench/orchestration/launch.py): the job's environment, then main."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ[HIDE_ENV] = "1"   # true in this process: the template never imported bitsandbytes
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":
