@@ -1,4 +1,5 @@
-"""Text for people: byte counts in binary units (B, KiB, MiB, GiB) and an exception as one line."""
+"""Text for people: byte counts in binary units (B, KiB, MiB, GiB), an exception as one line, a value in 4 digits;
+and a config value exactly, for an override."""
 from __future__ import annotations
 
 UNITS = ("B", "KiB", "MiB", "GiB")
@@ -24,3 +25,13 @@ def error_line(e: BaseException, with_type: bool = True) -> str:
         return type(e).__name__
     line = text.splitlines()[0]
     return (f"{type(e).__name__}: {line}" if with_type else line)[:MAX_ERROR_CHARS]
+
+
+def short(v) -> str:
+    """For people: 4 significant digits."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def override_value(v) -> str:
+    """Exact, for overrides (repr keeps every digit of a float)."""
+    return repr(v) if isinstance(v, float) else str(v)

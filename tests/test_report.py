@@ -20,7 +20,7 @@ from scipy import stats
 
 from bench.core import metrics as M
 from bench.report import build_report, main
-from bench.report import data as report_data
+from bench.report import runs as report_runs
 from bench.report.predictions import Reader, local_candidates
 from bench.report.stats import (N_RESAMPLES, bootstrap_distribution, cost_spread, costs_apart, mcnemar_exact,
                                 mcnemar_test, mean_ci, paired_bootstrap, pareto_front, wilson)
@@ -128,8 +128,8 @@ def test_report_from_real_tiny_runs(tiny_overrides, one_thread, tmp_path):
     assert "- Runs: 10 (1 FAILED, 9 FINISHED); 6 in the method tables, 3 sweep runs" in md
 
     # the plain-SQL reader returns exactly what MLflow's own search returns
-    fast = report_data._read_sqlite(store, uri, [EXPERIMENT])
-    slow = report_data._read_mlflow(uri, [EXPERIMENT])
+    fast = report_runs._read_sqlite(store, uri, [EXPERIMENT])
+    slow = report_runs._read_mlflow(uri, [EXPERIMENT])
     key = lambda r: r.run_id  # noqa: E731
     assert sorted(fast, key=key) == sorted(slow, key=key)
 
@@ -258,7 +258,7 @@ def test_where_predictions_are_looked_for(tmp_path):
     assert local_candidates("mlflow-artifacts:/1/x/artifacts", "http://127.0.0.1:5000") is None  # downloaded
     assert local_candidates("s3://bucket/1/x/artifacts", store) is None
     # a missing local file is one file test, not a download
-    missing = report_data.RunRecord("r", "n", "FINISHED", 0, None, "e", {}, {}, {},
+    missing = report_runs.RunRecord("r", "n", "FINISHED", 0, None, "e", {}, {}, {},
                                     artifact_uri=(tmp_path / "none").as_uri())
     reader = Reader(store)
     assert reader(missing) is None and reader.remote_error is None
@@ -495,3 +495,23 @@ def test_empty_or_unknown_experiment_is_one_line_and_nonzero(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--tracking-uri" in err and str(missing) in err
     assert not missing.exists() and not out.exists()  # nothing created by a failed report
+
+
+def test_plots_leave_matplotlib_global_state_alone(tmp_path):
+    """The PNGs are drawn with matplotlib's object-oriented API: importing bench.report.plots and drawing selects no
+    backend and imports no pyplot (a fresh interpreter, so nothing else has imported them)."""
+    code = f"""
+import sys
+from pathlib import Path
+import matplotlib
+before = matplotlib.rcParams._get("backend")
+from bench.report import plots, sweeps
+trials = [sweeps.Trial(n, "COMPLETE", v, {{"method.r": r}}) for n, (r, v) in enumerate([(2, 0.5), (8, 0.7)])]
+study = sweeps.summarize("s", "val/accuracy", "maximize", trials, ["method.r"])
+assert plots.objective_plot(study, "method.r", None, Path({str(tmp_path)!r}) / "o.png")
+assert matplotlib.rcParams._get("backend") == before, matplotlib.rcParams._get("backend")
+assert "matplotlib.pyplot" not in sys.modules
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o.png").read_bytes().startswith(b"\x89PNG")

@@ -24,9 +24,11 @@ from rich.console import Console
 
 from bench.core import metrics as M
 from bench.errors import BenchError
-from bench.sweep import report, spec
+from bench.report import sweep_outputs
+from bench.sweep import spec
 from bench.sweep.cli import main
-from bench.sweep.study import Job, compose, open_storage, progress_line
+from bench.sweep.storage import open_storage
+from bench.sweep.study import Job, compose, progress_line
 from tests.conftest import ROOT
 
 LORA = ROOT / "sweeps" / "lora_rank_alpha.yaml"
@@ -336,7 +338,7 @@ def test_best_trial_is_the_best_on_validation_not_on_test(tmp_path):
         user_attrs={"train_steps": 15, "pruned_at_step": 15}))
 
     out = tmp_path / "reports" / "protocol"
-    info, table = report.write(study, sweep, [], out)
+    info, table = sweep_outputs.write(study, sweep, [], out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_trial"] == 1 and summary["best_value"] == 0.90 and summary["objective"] == M.VAL_ACCURACY
     assert summary["best_test"] == {M.TEST_ACCURACY: 0.80, M.TEST_F1_MACRO: pytest.approx(0.70),
@@ -347,14 +349,14 @@ def test_best_trial_is_the_best_on_validation_not_on_test(tmp_path):
     assert "selection uses the objective only" in trials_txt
 
     tracker = FakeTracker()
-    report.log_to_parent(tracker, "parent", info, out)
+    sweep_outputs.log_to_parent(tracker, "parent", info, out)
     assert tracker.metrics[f"best/{M.VAL_ACCURACY}"] == 0.90
     assert tracker.metrics[f"best_trial/{M.TEST_ACCURACY}"] == 0.80
     assert not any(k.startswith("best/test") for k in tracker.metrics)
     assert tracker.tags["best_trial"] == 1
 
     console = Console(record=True, width=300, file=io.StringIO())
-    report.print_report(console, info, table, out)
+    sweep_outputs.print_report(console, info, table, out)
     assert ("best val/accuracy 0.9000 (trial 1); its test/accuracy 0.8000 (scored once, not used for selection)"
             in console.export_text())
     job = Job(sweep_file=str(path), cli_overrides=[], trials=4, storage="", study="protocol", parent_run_id="",
@@ -362,3 +364,35 @@ def test_best_trial_is_the_best_on_validation_not_on_test(tmp_path):
     line = Console(record=True, width=300, file=io.StringIO())
     line.print(progress_line(study, sweep, job, 3, TrialState.PRUNED, "pruned", 1.0))
     assert "best val/accuracy 0.9000 (trial 1; its test/accuracy 0.8000)" in line.export_text()
+
+
+def test_one_study_summary_for_the_sweep_and_the_report(tmp_path):
+    """The sweep's outputs (from Optuna) and the report's Sweeps section (from the MLflow runs) read a study into the
+    same summary (bench/report/sweeps.py): the same trial states, the same best trial (the lowest number on a tie,
+    as Optuna's best_trial), the same objective plot."""
+    from bench.report import plots, sweeps
+    from bench.report.runs import RunRecord
+
+    assert sweeps.STATES == tuple(s.name for s in TrialState)   # summary.json's "states" keep Optuna's order
+    sweep = spec.load(write_sweep(tmp_path, "tie", search_space={
+        "method.r": {"type": "categorical", "choices": [2, 4, 8]}}))
+    study = optuna.create_study(study_name="tie", direction="maximize")
+    dist = {"method.r": optuna.distributions.CategoricalDistribution([2, 4, 8])}
+    runs = []
+    for number, (r, val, state) in enumerate(((2, 0.7, TrialState.COMPLETE), (8, 0.9, TrialState.PRUNED),
+                                              (4, 0.8, TrialState.COMPLETE), (8, 0.8, TrialState.COMPLETE))):
+        study.add_trial(optuna.trial.create_trial(params={"method.r": r}, distributions=dist, value=val, state=state,
+                                                  intermediate_values={15: val}))
+        runs.append(RunRecord(f"run{number}", f"t{number}", "FINISHED" if state == TrialState.COMPLETE else "KILLED",
+                              number, None, "e", {"study": "tie", "trial": str(number),
+                                                  **({"pruned": "true"} if state == TrialState.PRUNED else {})},
+                              {"method.r": str(r), "method.name": "lora"}, {M.VAL_ACCURACY: val}))
+    from_optuna = sweeps.from_optuna(study, sweep)
+    [from_mlflow] = sweeps.from_runs(runs)
+    assert study.best_trial.number == from_optuna.best.number == from_mlflow.best.number == 2
+    assert from_optuna.counts == from_mlflow.counts == {"RUNNING": 0, "COMPLETE": 3, "PRUNED": 1, "FAIL": 0,
+                                                        "WAITING": 0}
+    assert sweeps.plot_axes(from_mlflow) == ("method.r", None) and from_mlflow.searched == sweep.searched_keys
+    pngs = [plots.objective_plot(s, "method.r", None, tmp_path / f"{name}.png")
+            for name, s in (("optuna", from_optuna), ("mlflow", from_mlflow))]
+    assert pngs[0].read_bytes() == pngs[1].read_bytes()   # the same trials draw the same plot, whichever the source

@@ -1,9 +1,14 @@
 """`python -m bench.report`: which PEFT method to use, answered from the runs in MLflow.
 
-    MLflow runs -> data.py (groups task × model × quant, one row per method, Pareto frontiers)
-                   + predictions.py (each table run's predictions/test.parquet; paired tests of two rows)
-                   + stats.py (the definitions: seed and test-sampling intervals, paired tests, cost noise)
-    -> plots.py (PNGs) + sweeps.py (per study) -> markdown.py (the report)
+    MLflow runs -> runs.py (RunRecord: plain SQL for sqlite, MLflow's client otherwise)
+    -> data.py (groups task × model × quant, one row per method, Pareto frontiers)
+       + predictions.py (each table run's predictions/test.parquet; paired tests of two rows)
+       + stats.py (the definitions: seed and test-sampling intervals, paired tests, cost noise)
+    -> sweeps.py (per study: its trials and summary, the best trial)
+    -> plots.py (PNGs) -> markdown.py (the report: wording.py, selection.py, provenance.py)
+
+The end of `python -m bench.sweep` writes reports/<study>/ with sweep_outputs.py, from the same study summary
+(sweeps.py) and the same objective plot (plots.py).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ def build_report(uri: str, experiments: list[str], out: Path) -> tuple[Path, lis
     from bench.report import markdown, plots, sweeps
 
     data = data_mod.load(uri, experiments)
-    studies = sweeps.studies(data.sweep_runs)
+    studies = sweeps.from_runs(data.sweep_runs)
     out = Path(out)
     assets = out.with_suffix("")  # reports/NAME.md -> reports/NAME/ holds its plots
     written: list[Path] = []
@@ -35,14 +40,10 @@ def build_report(uri: str, experiments: list[str], out: Path) -> tuple[Path, lis
         group_plots[group.slug] = f"{assets.name}/{path.name}"
         written.append(path)
     for study in studies:
-        axes = study.plot_axes
-        if axes is None or not study.finished:
-            continue
-        x, y = axes
-        points, best = study.plot_points()
+        axes = sweeps.plot_axes(study)
         path = assets / f"sweep-{data_mod.safe_name(study.name)}.png"
-        plots.sweep_plot(study.name, points, best, x, y or study.objective, study.objective,
-                         study.direction == "maximize", path)
+        if axes is None or not study.complete or plots.objective_plot(study, *axes, path) is None:
+            continue
         sweep_plots[study.name] = f"{assets.name}/{path.name}"
         written.append(path)
     for pattern in ("acc-*.png", "sweep-*.png"):  # only this report's own plots of groups or studies now gone

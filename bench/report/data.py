@@ -1,4 +1,4 @@
-"""Runs out of MLflow, into the report's groups (task × model × quant) and rows (one per method).
+"""The runs (bench/report/runs.py), grouped into the report's groups (task × model × quant) and rows (one per method).
 
 Runs enter the tables only when FINISHED with a `test/accuracy`; FINISHED runs without one (the old protocol,
 `eval/*` metrics) are only counted in provenance; sweep runs (tag `study`) go to the sweeps section; FAILED,
@@ -14,49 +14,19 @@ process's RSS, dominated by what every method shares. Budgets, the memory Pareto
 from __future__ import annotations
 
 import math
-import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
-from urllib.parse import urlparse
 
 from bench.core import metrics as M
-from bench.errors import BenchError
-from bench.fmt import error_line
 from bench.report import predictions
+from bench.report.runs import RunRecord, read_runs, run_settings
 from bench.report.stats import Estimate, PairedTest, mean_ci, pareto_front, wilson
 
 ACCURACY = M.TEST_ACCURACY
 # figures averaged over seeds per row (the memory figures: see the module doc)
 MEANS = (M.MEM_TRAIN_GROWTH, M.MEM_PEAK_TRAIN, M.CKPT_BYTES, M.TIME_TRAIN, M.PARAMS_TRAINABLE_PCT,
          M.THROUGHPUT_TOKENS)
-# settings that do not change what a run measures (where it logs, how often it evaluates, how it is launched)
-IGNORED_PARAMS = {"seed", "rerun", "device", "train.isolate", "train.threads", "train.log_every", "train.eval_every",
-                  "train.eval_batch_size", "method.lr"}  # method.lr: only a default; train.lr is what trains
-IGNORED_PREFIXES = ("tracking.",)
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    run_id: str
-    name: str
-    status: str
-    start_time: int            # ms since the epoch, MLflow's own
-    end_time: int | None
-    experiment: str
-    tags: dict[str, str]
-    params: dict[str, str]
-    metrics: dict[str, float]
-    artifact_uri: str = ""
-
-    @property
-    def seed(self) -> str:
-        return self.tags.get("seed", self.params.get("seed", "?"))
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return self.tags.get("task", "?"), self.tags.get("model", "?"), self.tags.get("quant", "none")
 
 
 @dataclass
@@ -153,122 +123,6 @@ class Data:
 
 def safe_name(s: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in s)
-
-
-def _sqlite_path(uri: str) -> str:
-    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else urlparse(uri).path
-
-
-def check_store(uri: str) -> None:
-    """MLflow would silently create an empty store at a mistyped path; a report wants an existing one."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        path = _sqlite_path(uri)
-        if path not in ("", ":memory:") and not Path(path).is_file():
-            raise BenchError(f"--tracking-uri: no MLflow store at {path} ({uri}); valid: an existing sqlite:///FILE, "
-                             "a file store folder or an http(s):// server")
-    elif parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme == "file" else uri
-        if not Path(path).is_dir():
-            raise BenchError(f"--tracking-uri: no MLflow store folder at {path}; valid: an existing sqlite:///FILE, "
-                             "a file store folder or an http(s):// server")
-
-
-def client_for(uri: str):
-    check_store(uri)
-    from mlflow.tracking import MlflowClient
-    return MlflowClient(tracking_uri=uri)
-
-
-def read_runs(uri: str, experiments: list[str]) -> list[RunRecord]:
-    if urlparse(uri).scheme == "sqlite":
-        check_store(uri)
-        try:
-            return _checked(_read_sqlite(Path(_sqlite_path(uri)), uri, experiments), uri, experiments)
-        except sqlite3.DatabaseError:
-            pass  # a schema this reader does not know, or a lock held too long: let MLflow read it
-    return _checked(_read_mlflow(uri, experiments), uri, experiments)
-
-
-def _checked(runs: list[RunRecord], uri: str, experiments: list[str]) -> list[RunRecord]:
-    if not runs:
-        raise BenchError(f"--experiment: {', '.join(map(repr, experiments))} in {uri} has no runs; "
-                         "run `python -m bench ...` first")
-    return sorted(runs, key=lambda r: (r.start_time, r.name, r.run_id))
-
-
-def _unknown(missing: list[str], known: list[str], uri: str) -> BenchError:
-    return BenchError(f"--experiment: no experiment named {', '.join(map(repr, missing))} in {uri}; "
-                      f"valid: {', '.join(sorted(known)) or '(none: the store is empty)'}")
-
-
-def _read_mlflow(uri: str, experiments: list[str]) -> list[RunRecord]:
-    client = client_for(uri)
-    try:
-        known = {e.name: e.experiment_id for e in client.search_experiments()}
-    except Exception as e:  # unreachable server, wrong scheme, unreadable file: one line, not a traceback
-        raise BenchError(f"--tracking-uri: cannot read {uri}: {error_line(e)}") from None
-    missing = [name for name in experiments if name not in known]
-    if missing:
-        raise _unknown(missing, list(known), uri)
-    ids = [known[name] for name in experiments]
-    names = {known[name]: name for name in experiments}
-    runs, token = [], None
-    while True:  # search_runs pages at most 1,000 runs at a time
-        page = client.search_runs(ids, max_results=1000, page_token=token)
-        runs += [RunRecord(run_id=r.info.run_id, name=r.info.run_name or r.info.run_id, status=r.info.status,
-                           start_time=r.info.start_time or 0, end_time=r.info.end_time,
-                           experiment=names[r.info.experiment_id], tags=dict(r.data.tags),
-                           params=dict(r.data.params), metrics=dict(r.data.metrics),
-                           artifact_uri=r.info.artifact_uri or "") for r in page]
-        token = page.token
-        if not token:
-            break
-    return runs
-
-
-def _read_sqlite(store: Path, uri: str, experiments: list[str]) -> list[RunRecord]:
-    """The same records as _read_mlflow (tests/test_report.py checks that), read with plain SQL: MLflow's
-    search_runs builds ORM objects for every param, tag and metric, ~8 s for 1,000 runs against ~0.3 s here."""
-    # read only: a report never writes to the store; wait out a writer's lock like MLflow would
-    db = sqlite3.connect(f"{store.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
-    try:
-        cols = {row[1] for row in db.execute("PRAGMA table_info(experiments)")}
-        where = "lifecycle_stage = 'active'" + (" AND workspace = 'default'" if "workspace" in cols else "")
-        known = dict(db.execute(f"SELECT name, experiment_id FROM experiments WHERE {where}").fetchall())
-        missing = [name for name in experiments if name not in known]
-        if missing:
-            raise _unknown(missing, list(known), uri)
-        names = {known[name]: name for name in experiments}
-        marks = ",".join("?" * len(names))
-        base = f"SELECT run_uuid FROM runs WHERE experiment_id IN ({marks}) AND lifecycle_stage = 'active'"
-        args = list(names)
-        tags, params, metrics = defaultdict(dict), defaultdict(dict), defaultdict(dict)
-        for rid, key, value in db.execute(f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN ({base})", args):
-            tags[rid][key] = value
-        for rid, key, value in db.execute(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({base})",
-                                          args):
-            params[rid][key] = value
-        for rid, key, value, is_nan in db.execute(
-                f"SELECT run_uuid, key, value, is_nan FROM latest_metrics WHERE run_uuid IN ({base})", args):
-            metrics[rid][key] = float("nan") if is_nan else float(value)
-        rows = db.execute("SELECT run_uuid, name, status, start_time, end_time, experiment_id, artifact_uri "
-                          f"FROM runs WHERE experiment_id IN ({marks}) AND lifecycle_stage = 'active'",
-                          args).fetchall()
-    finally:
-        db.close()
-    return [RunRecord(run_id=rid, name=name or tags[rid].get("mlflow.runName") or rid, status=status,
-                      start_time=start or 0, end_time=end, experiment=names[exp], tags=tags[rid],
-                      params=params[rid], metrics=metrics[rid], artifact_uri=uri_ or "")
-            for rid, name, status, start, end, exp, uri_ in rows]
-
-
-def run_settings(run: RunRecord) -> dict[str, str]:
-    """What a run's figures depend on: its config (params) and, for memory and time, the hardware it ran on."""
-    settings = {k: v for k, v in run.params.items() if k not in IGNORED_PARAMS and not k.startswith(IGNORED_PREFIXES)}
-    if "device_name" in run.tags:
-        settings["hardware"] = run.tags["device_name"]
-    return settings
 
 
 def _short(param: str) -> str:

@@ -1,21 +1,23 @@
-"""The report's PNGs: test accuracy against each cost with the Pareto frontier, and a sweep's rank × alpha map.
+"""The PNGs: a group's test accuracy against each cost with the Pareto frontier (the report), and a study's
+objective over its settings (the one objective plot: the sweep's objective.png and the report's sweep plots).
 
-Byte-stable: the Agg backend, fixed sizes and DPI, points in the report's own order, and no `Software` entry in
-the PNG metadata (matplotlib writes its version there; the rest of its PNG output is deterministic).
+matplotlib's object-oriented API only (`Figure`, no pyplot): no backend is selected and no global state changes;
+savefig renders PNG with Agg. Byte-stable: fixed sizes, layout and DPI, points in a fixed order, and no
+`Software` entry in the PNG metadata (matplotlib writes its version there; the rest of its PNG output is
+deterministic).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
-
-from bench.core import metrics as M  # noqa: E402
-from bench.fmt import human_bytes  # noqa: E402
-from bench.report.data import ACCURACY, Group  # noqa: E402
+from bench.core import metrics as M
+from bench.fmt import human_bytes
+from bench.report.data import ACCURACY, Group
+from bench.report.sweeps import FINISHED, Study
 
 # x axis per cost: (label, scale, log); memory is the group's method-separating figure (data.Group.memory_metric)
 AXES = {M.MEM_TRAIN_GROWTH: ("train growth (MiB)", 1 / 2**20, False),
@@ -25,16 +27,16 @@ AXES = {M.MEM_TRAIN_GROWTH: ("train growth (MiB)", 1 / 2**20, False),
 FRONT, OTHER = "#c0392b", "#2c7fb8"
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
 
 
 def group_plot(group: Group, path: Path) -> None:
     """Three panels: test accuracy (mean, 95 % CI bars over seeds) against the memory figure, checkpoint size and
     train time."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    fig = Figure(figsize=(15, 4.8))
+    axes = fig.subplots(1, 3)
     fig.subplots_adjust(left=0.045, right=0.99, bottom=0.11, top=0.87, wspace=0.2)  # fixed: layout engines are slow
     for ax, (metric, short) in zip(axes, group.costs):
         label, scale, log = AXES[metric]
@@ -73,25 +75,96 @@ def group_plot(group: Group, path: Path) -> None:
     _save(fig, path)
 
 
-def sweep_plot(study: str, points: list[tuple[float, float, float]], best: tuple[float, float] | None,
-               x_name: str, y_name: str, objective: str, maximize: bool, path: Path) -> None:
-    """One dot per finished trial at (x, y), coloured by the objective; the best trial ringed."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.11, top=0.92)
-    # trials at the same (x, y) overlap: draw the better ones last, so each spot shows its best value
-    xs, ys, zs = zip(*sorted(points, key=lambda p: (p[2] if maximize else -p[2], p[0], p[1])))
-    sc = ax.scatter(xs, ys, c=zs, cmap="viridis", s=70, edgecolors="#333333", linewidths=0.5)
+def _coord(v):
+    """A setting as a plot coordinate: a number (int when whole: ranks, alphas), else its text."""
+    if isinstance(v, bool):
+        return str(v)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return int(f) if f.is_integer() else f
+
+
+def _axis(values: list) -> list:
+    coords = [_coord(v) for v in values]
+    return [str(c) for c in coords] if any(isinstance(c, str) for c in coords) else coords   # one kind per axis
+
+
+def _objective_points(study: Study, x: str, y: str | None):
+    """(COMPLETE points -> value: the best value where trials share a point; one axis: (x, number) -> value,
+    PRUNED trials' points, the best trial's point or None)."""
+    drawn = [t for t in study.trials if t.state in FINISHED and t.value is not None and math.isfinite(t.value)
+             and x in t.settings and (y is None or y in t.settings)]
+    xs = _axis([t.settings[x] for t in drawn])
+    ys = _axis([t.settings[y] for t in drawn]) if y else [t.value for t in drawn]
+    better = max if study.direction == "maximize" else min
+    complete, pruned, best = {}, [], None
+    for t, px, py in zip(drawn, xs, ys):
+        if t.state == "PRUNED":
+            pruned.append((px, py))
+            continue
+        key = (px, py) if y else (px, t.number)
+        complete[key] = better(complete.get(key, t.value), t.value)
+        if study.best is not None and t.number == study.best.number:
+            best = (px, py)
+    return complete, pruned, best
+
+
+def _log_axes(ax, points: list[tuple], n_axes: int) -> None:
+    """Positive whole numbers (ranks, alphas, reduction factors: powers of two) on a log2 axis ticked at the values
+    (up to 12 of them); positive values spanning more than 10x (learning rates) on a log10 axis."""
+    for i in range(n_axes):
+        values = [p[i] for p in points]
+        if not all(isinstance(v, (int, float)) and v > 0 for v in values):
+            continue
+        set_scale, axis = (ax.set_xscale, ax.xaxis) if i == 0 else (ax.set_yscale, ax.yaxis)
+        if all(isinstance(v, int) for v in values):
+            set_scale("log", base=2)
+            ticks = sorted(set(values))
+            if len(ticks) <= 12:
+                (ax.set_xticks if i == 0 else ax.set_yticks)(ticks, [str(v) for v in ticks])
+                axis.set_minor_locator(NullLocator())
+            else:
+                axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
+        elif max(values) / min(values) > 10:
+            set_scale("log")
+
+
+def objective_plot(study: Study, x: str | None, y: str | None, path: Path) -> Path | None:
+    """The objective over a study's settings x (and y): with two axes (rank × alpha for LoRA) each COMPLETE point
+    coloured and labelled by its value, PRUNED trials as grey crosses; with one, the objective against x. The best
+    trial ringed. Drawn here, not with optuna.visualization: alpha is derived, not an Optuna parameter. Writes
+    `path` and returns it; None, writing nothing, when no finished trial has a value and the settings."""
+    complete, pruned, best = _objective_points(study, x, y) if x else ({}, [], None)
+    if not complete and not pruned:
+        return None
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.11, top=0.92)  # fixed: layout engines are slow
+    if y and complete:
+        xs, ys = zip(*complete)
+        sc = ax.scatter(xs, ys, c=list(complete.values()), cmap="viridis", s=160, edgecolors="black", zorder=3)
+        fig.colorbar(sc, ax=ax, label=study.objective)
+        for point, value in complete.items():
+            ax.annotate(f"{value:.3f}", point, textcoords="offset points", xytext=(0, 11), ha="center", fontsize=7)
+    elif complete:
+        ax.scatter([k[0] for k in complete], list(complete.values()), s=60, zorder=3, label="complete")
     if best is not None:
-        ax.scatter([best[0]], [best[1]], s=260, facecolors="none", edgecolors=FRONT, linewidths=2, label="best")
-        ax.legend(loc="best", fontsize=8)
-    for set_scale, axis, values in ((ax.set_xscale, ax.xaxis, xs), (ax.set_yscale, ax.yaxis, ys)):
-        if min(values) > 0 and max(values) / min(values) >= 8:  # ranks, alphas: powers of two on a log2 axis
-            set_scale("log", base=2 if all(float(v).is_integer() for v in values) else 10)
-            axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-            axis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(x_name)
-    ax.set_ylabel(y_name)
+        ax.scatter(*best, s=420 if y else 200, facecolors="none", edgecolors=FRONT, linewidths=2, zorder=4,
+                   label="best")
+    if pruned:
+        ax.scatter(*zip(*pruned), marker="x", c="grey", s=60, zorder=2,
+                   label="pruned" if y else "pruned (last value)")
+    _log_axes(ax, [k if y else (k[0],) for k in complete] + pruned, 2 if y else 1)
+    ax.margins(0.12)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y or study.objective)
+    ax.set_title(f"study {study.name}: {study.objective} " + (f"over {x} × {y}" if y else f"against {x}"),
+                 fontsize=10)
     ax.grid(True, alpha=0.3)
-    fig.colorbar(sc, ax=ax, label=objective)
-    ax.set_title(f"study {study}: {objective} per trial", fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8, markerscale=0.5)
     _save(fig, path)
+    return path

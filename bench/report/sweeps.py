@@ -1,64 +1,129 @@
-"""Sweep runs (tag `study`, trials also tag `trial`, nested under the study's parent run) per study.
+"""A sweep's study, one model for both readers: its trials, read from Optuna at the end of `python -m bench.sweep`
+(`from_optuna`: reports/<study>/, bench/report/sweep_outputs.py) or from the MLflow runs the sweep logged
+(`from_runs`: the report's Sweeps section), and the one summary of them (`summarize`: counts, steps, the best trial).
 
-The objective is the parent's (or a trial's) `objective` and `direction` tags when the sweep logged them,
-else val/accuracy, maximized: a `val/*` metric or a cost, never a test metric (bench/core/metrics.py: the protocol).
-The best trial's `test/accuracy` is the one test evaluation of the chosen configuration: shown, not selected on.
+Selection (bench/core/metrics.py: the protocol). The objective is a `val/*` metric or a cost, never a test metric;
+the best trial is the best COMPLETE trial on it, the lowest trial number on a tie (as Optuna's `best_trial`). Its
+`test/*` figures are the one test evaluation of the chosen configuration: shown beside it, never selected on.
+
+From MLflow (tag `study`; trials also tag `trial`, nested under the study's parent run): the objective is the
+parent's (or a trial's) `objective` and `direction` tags when the sweep logged them, else val/accuracy, maximized.
+A run's status maps to a trial state: FINISHED -> COMPLETE, KILLED (pruned, or interrupted) -> PRUNED (a value
+only when tagged `pruned`), FAILED -> FAIL, RUNNING -> RUNNING, SCHEDULED -> WAITING.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench.core import metrics as M
-from bench.report.data import RunRecord, run_settings
+from bench.report.runs import RunRecord, run_settings
 
 DEFAULT_OBJECTIVE = M.VAL_ACCURACY
+STATES = ("RUNNING", "COMPLETE", "PRUNED", "FAIL", "WAITING")   # optuna's TrialState names, in its order
+FINISHED = ("COMPLETE", "PRUNED")        # what counts towards a sweep's --trials
+ENDED = ("COMPLETE", "PRUNED", "FAIL")   # trials whose training steps are spent
+FROM_MLFLOW = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL", "RUNNING": "RUNNING",
+               "SCHEDULED": "WAITING"}
+
+
+@dataclass(frozen=True)
+class Trial:
+    number: int
+    state: str                   # one of STATES
+    value: float | None          # the objective: final (COMPLETE) or last reported (PRUNED)
+    settings: dict               # the config values it ran with (key -> value); {} when never sampled
+    params: dict = field(default_factory=dict)   # the sampler's parameters (Optuna); {} from MLflow
+    test: dict = field(default_factory=dict)     # its one test evaluation: test/* metrics
+    steps: int | None = None     # training steps executed (up to the prune; for FAIL up to its last evaluation)
+    seconds: float | None = None
+    run_id: str | None = None
+    note: str = ""               # why it was pruned or failed, or which trial it retries
+
+    def test_text(self, metric: str = M.TEST_ACCURACY) -> str:
+        v = self.test.get(metric)
+        return "-" if v is None else f"{v:.4f}"
 
 
 @dataclass
 class Study:
     name: str
-    parent: RunRecord | None
-    trials: list[RunRecord]          # ordered by trial number
     objective: str
-    direction: str
-    searched: list[str]              # settings that differ between the finished trials
-    best: RunRecord | None
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.trials)
-
-    def value(self, run: RunRecord) -> float | None:
-        return run.metrics.get(self.objective)
-
-    @staticmethod
-    def test_value(run: RunRecord) -> float | None:
-        """The run's one test evaluation (test/accuracy), reported beside the objective."""
-        return run.metrics.get(M.TEST_ACCURACY)
+    direction: str               # maximize | minimize
+    trials: list[Trial]          # ordered by trial number
+    searched: list[str]          # the settings the study varies
+    best: Trial | None
+    counts: dict[str, int]       # trials per state, every one of STATES
 
     @property
-    def finished(self) -> list[RunRecord]:
-        return [r for r in self.trials if r.status == "FINISHED" and self.objective in r.metrics]
+    def complete(self) -> list[Trial]:
+        """COMPLETE trials that reported the objective."""
+        return [t for t in self.trials if t.state == "COMPLETE" and t.value is not None]
 
     @property
-    def plot_axes(self) -> tuple[str, str | None] | None:
-        """rank × alpha when the study searched them, else its first one or two numeric settings."""
-        if {"method.r", "method.alpha"} <= set(self.searched):
-            return "method.r", "method.alpha"
-        numeric = [k for k in self.searched
-                   if all(_number(run_settings(r).get(k)) is not None for r in self.finished)]
-        return (numeric[0], numeric[1] if len(numeric) > 1 else None) if numeric else None
+    def finished_trials(self) -> int:
+        return sum(self.counts[s] for s in FINISHED)
 
-    def plot_points(self) -> tuple[list[tuple[float, float, float]], tuple[float, float]]:
-        """(x, y, objective) per finished trial, and the best trial's (x, y); with one axis, y is the objective."""
-        x, y = self.plot_axes
+    def summary(self) -> dict:
+        """summary.json's figures (less what only the sweep knows: its command line and importances)."""
+        best = self.best
+        return {
+            "study": self.name, "objective": self.objective, "direction": self.direction,
+            "finished_trials": self.finished_trials, "states": dict(self.counts),
+            "train_steps": sum(t.steps or 0 for t in self.trials if t.state in ENDED),
+            "trial_seconds": sum(t.seconds for t in self.trials if t.state in FINISHED and t.seconds),
+            "best_value": None if best is None else best.value,
+            "best_trial": None if best is None else best.number,
+            "best_params": None if best is None else best.params,
+            "best_overrides": None if best is None else dict(best.settings),
+            "best_run_id": None if best is None else best.run_id,
+            # the best trial's one test evaluation: reported beside the selection, not used for it
+            "best_test": None if best is None else dict(best.test),
+        }
 
-        def xy(run: RunRecord) -> tuple[float, float]:
-            s = run_settings(run)
-            return float(s[x]), (float(s[y]) if y else self.value(run))
-        return [(*xy(r), self.value(r)) for r in self.finished], xy(self.best)
+
+def best_trial(trials: list[Trial], direction: str) -> Trial | None:
+    """The best COMPLETE trial on the objective; the lowest number on a tie."""
+    sign = -1 if direction == "maximize" else 1
+    scored = [t for t in trials if t.state == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
+    return min(scored, key=lambda t: (sign * t.value, t.number, t.run_id or ""), default=None)
 
 
+def summarize(name: str, objective: str, direction: str, trials: list[Trial], searched: list[str]) -> Study:
+    counts = {s: sum(t.state == s for t in trials) for s in STATES}
+    return Study(name, objective, direction, trials, searched, best_trial(trials, direction), counts)
+
+
+# --- from Optuna: the sweep's own record ----------------------------------------------------------------------
+def _optuna_note(t) -> str:
+    note = ""
+    if t.state.name == "PRUNED":
+        note = f"pruned at step {t.user_attrs.get('pruned_at_step', '?')}"
+    elif t.state.name == "FAIL":
+        note = t.user_attrs.get("fail_reason", "")
+    if "retry_of" in t.user_attrs:
+        note = f"retry of {t.user_attrs['retry_of']}" + (f"; {note}" if note else "")
+    return note
+
+
+def from_optuna(study, sweep) -> Study:
+    """An optuna.Study of the sweep `sweep` (bench/sweep/spec.py), with the user attributes its trials carry
+    (bench/sweep/study.py): train_steps, test_metrics, mlflow_run_id, pruned_at_step, fail_reason, retry_of."""
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        steps = t.user_attrs.get("train_steps")
+        trials.append(Trial(
+            number=t.number, state=t.state.name, value=t.value,
+            settings=sweep.run_overrides(t.params) if set(t.params) == set(sweep.space) else {},
+            params=t.params, test=dict(t.user_attrs.get("test_metrics") or {}),
+            steps=None if steps is None else int(steps),
+            seconds=t.duration.total_seconds() if t.duration else None,
+            run_id=t.user_attrs.get("mlflow_run_id"), note=_optuna_note(t)))
+    return summarize(study.study_name, sweep.metric, sweep.direction, trials, sweep.searched_keys)
+
+
+# --- from MLflow: the report's reading -------------------------------------------------------------------------
 def _number(v) -> float | None:
     try:
         return float(v)
@@ -71,25 +136,48 @@ def _trial_number(run: RunRecord) -> int:
     return int(n) if n is not None else 1 << 30
 
 
-def studies(runs: list[RunRecord]) -> list[Study]:
+def _run_trial(run: RunRecord, objective: str) -> Trial:
+    state = FROM_MLFLOW.get(run.status, "FAIL")
+    value = run.metrics.get(objective)
+    if state == "PRUNED" and run.tags.get("pruned") != "true":
+        value = None   # interrupted, not pruned: its last figure says nothing about the settings
+    steps = run.metrics.get(M.TRAIN_STEPS)
+    return Trial(number=_trial_number(run), state=state, value=value, settings=run_settings(run),
+                 test={k: run.metrics[k] for k in M.TEST if k in run.metrics},
+                 steps=None if steps is None else int(steps),
+                 seconds=(run.end_time - run.start_time) / 1000 if run.end_time else None, run_id=run.run_id,
+                 note=run.tags.get("error") or run.tags.get("sweep_error") or "")
+
+
+def _searched(trials: list[Trial]) -> list[str]:
+    """Settings that differ between the complete trials (config keys only)."""
+    settings = [t.settings for t in trials]
+    return sorted(k for k in {k for s in settings for k in s} if len({s.get(k) for s in settings}) > 1
+                  and k != "hardware")
+
+
+def from_runs(runs: list[RunRecord]) -> list[Study]:
+    """One Study per `study` tag, in name order; the parent run (no `trial` tag) names the objective."""
     by_name: dict[str, list[RunRecord]] = defaultdict(list)
     for r in runs:
         by_name[r.tags["study"]].append(r)
     out = []
     for name in sorted(by_name):
-        trials = sorted((r for r in by_name[name] if "trial" in r.tags),
-                        key=lambda r: (_trial_number(r), r.start_time, r.run_id))
+        runs_ = sorted((r for r in by_name[name] if "trial" in r.tags),
+                       key=lambda r: (_trial_number(r), r.start_time, r.run_id))
         parents = sorted((r for r in by_name[name] if "trial" not in r.tags), key=lambda r: (r.start_time, r.run_id))
-        parent = parents[-1] if parents else None
-        source = {**{k: v for t in trials for k, v in t.tags.items()}, **(parent.tags if parent else {})}
+        source = {**{k: v for t in runs_ for k, v in t.tags.items()}, **(parents[-1].tags if parents else {})}
         objective = source.get("objective", DEFAULT_OBJECTIVE)
-        direction = source.get("direction", "maximize")
-        study = Study(name, parent, trials, objective, direction, [], None)
-        done = study.finished
-        settings = [run_settings(r) for r in done]
-        study.searched = sorted(k for k in {k for s in settings for k in s} if len({s.get(k) for s in settings}) > 1
-                                and k != "hardware")  # config keys only
-        sign = -1 if direction == "maximize" else 1
-        study.best = min(done, key=lambda r: (sign * r.metrics[objective], _trial_number(r), r.run_id), default=None)
-        out.append(study)
+        trials = [_run_trial(r, objective) for r in runs_]
+        complete = [t for t in trials if t.state == "COMPLETE" and t.value is not None]
+        out.append(summarize(name, objective, source.get("direction", "maximize"), trials, _searched(complete)))
     return out
+
+
+def plot_axes(study: Study) -> tuple[str, str | None] | None:
+    """The report's objective plot axes: rank × alpha when the study searched them, else its first one or two
+    numeric settings. (The sweep's own plot uses the sweep file's `plot`.)"""
+    if {"method.r", "method.alpha"} <= set(study.searched):
+        return "method.r", "method.alpha"
+    numeric = [k for k in study.searched if all(_number(t.settings.get(k)) is not None for t in study.complete)]
+    return (numeric[0], numeric[1] if len(numeric) > 1 else None) if numeric else None

@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
 from rich.markup import escape
 
 from bench.errors import BenchError
 from bench.orchestration.resume import process_tags
-from bench.sweep import report, spec
-from bench.sweep.study import (FINISHED, Job, compose, console, default_storage, open_or_create, sweep_lock,
-                               trial_counts, work, worker_entry)
+from bench.report import sweep_outputs
+from bench.sweep import spec
+from bench.sweep.storage import default_storage, finished_count, open_or_create, sweep_lock, trial_counts
+from bench.sweep.study import Job, compose, console, work, worker_entry
 
 
 def parse_args(argv):
@@ -105,47 +105,84 @@ def run_workers(job: Job) -> int:
     return 0 if not any(codes) else (2 if 2 in codes else 1)
 
 
+def _checked_sweep(a):
+    """The sweep file and the base config, checked against each other and the command line."""
+    from bench.orchestration.validate import validate
+
+    if a.trials is not None and a.trials < 1:
+        raise BenchError(f"--trials: must be >= 1, got {a.trials}")
+    if a.workers < 1:
+        raise BenchError(f"--workers: must be >= 1, got {a.workers}")
+    if a.max_failures < 1:
+        raise BenchError(f"--max-failures: must be >= 1, got {a.max_failures}")
+    sweep = spec.load(a.sweep)
+    base = compose(sweep.overrides + a.overrides)
+    spec.check_keys(sweep, base)
+    sweep.make_sampler(), sweep.make_pruner()   # their arguments, checked before a study exists
+    validate(base)
+    for o in sweep.overrides + a.overrides:
+        if override_key(o) in sweep.searched_keys:
+            raise BenchError(f"override {o}: {override_key(o)} is set by the sweep's trials; remove it from "
+                             f"the command line and the file's overrides, or from its search_space/derived")
+    if (a.trials or sweep.trials) is None:
+        raise BenchError(f"{a.sweep}: trials: not set; set trials: N in the file or pass --trials N")
+    return sweep, base
+
+
+def _open(a, sweep, base):
+    """The job, the tracker, the study (created on first use) and its parent MLflow run."""
+    from bench.tracking import Tracker
+
+    storage = a.storage or default_storage(base.tracking.uri)
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    job = Job(sweep_file=str(a.sweep), cli_overrides=list(a.overrides), trials=a.trials or sweep.trials,
+              storage=storage, study=a.study or sweep.study, parent_run_id="", out_root=a.out_dir,
+              workers=a.workers, worker_overrides=threads_per_worker(a.workers, sweep.overrides + a.overrides),
+              max_failures=a.max_failures)
+    tracker = Tracker(base.tracking.uri, base.tracking.experiment)
+    with sweep_lock(storage):
+        study, created = open_or_create(job.study, storage, sweep, job.cli_overrides)
+        job.parent_run_id = parent_run(tracker, sweep, job, sweep.definition(job.cli_overrides))
+    return job, tracker, study, created
+
+
+def _finish(a, study, sweep, job: Job, tracker, status: str, code: int) -> int:
+    """The study's outputs (reports/<study>/, the parent run's record); the parent run ends unless trials still
+    run in other processes."""
+    counts = trial_counts(study)
+    done = finished_count(counts)
+    elsewhere = code == 0 and done < job.trials   # our workers stopped because others hold the last trials
+    if code and status == "FINISHED":
+        status = "FAILED"
+    out_dir = Path(a.reports) / job.study
+    info, table = sweep_outputs.write(study, sweep, job.cli_overrides, out_dir)
+    sweep_outputs.print_report(console, info, table, out_dir)
+    sweep_outputs.log_to_parent(tracker, job.parent_run_id, info, out_dir)
+    if elsewhere:
+        console.print(f"{done}/{job.trials} finished; {counts['RUNNING']} trial(s) still running in "
+                      "other processes: the command that finishes last completes the study's record")
+        return 0
+    tracker.end(job.parent_run_id, status, None if status == "FINISHED" else
+                f"{done}/{job.trials} trials finished when the sweep stopped")
+    if done < job.trials:
+        console.print(f"[red]{done}/{job.trials} trials finished[/red]; run the same command again to resume")
+    return code
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # the sweep prints its own line per trial
     try:
-        from bench.orchestration.validate import validate
-        from bench.tracking import Tracker
-        if a.trials is not None and a.trials < 1:
-            raise BenchError(f"--trials: must be >= 1, got {a.trials}")
-        if a.workers < 1:
-            raise BenchError(f"--workers: must be >= 1, got {a.workers}")
-        if a.max_failures < 1:
-            raise BenchError(f"--max-failures: must be >= 1, got {a.max_failures}")
-        sweep = spec.load(a.sweep)
-        base = compose(sweep.overrides + a.overrides)
-        spec.check_keys(sweep, base)
-        sweep.make_sampler(), sweep.make_pruner()   # their arguments, checked before a study exists
-        validate(base)
-        for o in sweep.overrides + a.overrides:
-            if override_key(o) in sweep.searched_keys:
-                raise BenchError(f"override {o}: {override_key(o)} is set by the sweep's trials; remove it from "
-                                 f"the command line and the file's overrides, or from its search_space/derived")
-        if (a.trials or sweep.trials) is None:
-            raise BenchError(f"{a.sweep}: trials: not set; set trials: N in the file or pass --trials N")
-        storage = a.storage or default_storage(base.tracking.uri)
-        if "://" not in storage:
-            storage = str(Path(storage).resolve())
-        job = Job(sweep_file=str(a.sweep), cli_overrides=list(a.overrides), trials=a.trials or sweep.trials,
-                  storage=storage, study=a.study or sweep.study, parent_run_id="", out_root=a.out_dir,
-                  workers=a.workers, worker_overrides=threads_per_worker(a.workers, sweep.overrides + a.overrides),
-                  max_failures=a.max_failures)
-        tracker = Tracker(base.tracking.uri, base.tracking.experiment)
-        with sweep_lock(storage):
-            study, created = open_or_create(job, sweep)
-            job.parent_run_id = parent_run(tracker, sweep, job, sweep.definition(job.cli_overrides))
+        sweep, base = _checked_sweep(a)
+        job, tracker, study, created = _open(a, sweep, base)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     counts = trial_counts(study)
-    done = sum(counts[s] for s in FINISHED)
-    console.print(escape(f"study {job.study} ({'new' if created else f'resumed: {done} finished'}) in {storage}; "
+    done = finished_count(counts)
+    console.print(escape(f"study {job.study} ({'new' if created else f'resumed: {done} finished'}) in {job.storage}; "
                          f"target {job.trials} finished trials, {job.workers} worker(s); MLflow parent run "
                          f"{job.parent_run_id} in {base.tracking.uri} (experiment {base.tracking.experiment!r})"))
     status, code = "FINISHED", 0
@@ -156,23 +193,4 @@ def main(argv=None) -> int:
     except BenchError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         status, code = "FAILED", 2
-
-    counts = trial_counts(study)
-    done = sum(counts[s] for s in FINISHED)
-    elsewhere = code == 0 and done < job.trials   # our workers stopped because others hold the last trials
-    if code and status == "FINISHED":
-        status = "FAILED"
-    out_dir = Path(a.reports) / job.study
-    info, table = report.write(study, sweep, job.cli_overrides, out_dir)
-    report.print_report(console, info, table, out_dir)
-    report.log_to_parent(tracker, job.parent_run_id, info, out_dir)
-    if elsewhere:
-        console.print(f"{done}/{job.trials} finished; {counts[TrialState.RUNNING]} trial(s) still running in "
-                      "other processes: the command that finishes last completes the study's record")
-        return 0
-    tracker.end(job.parent_run_id, status, None if status == "FINISHED" else
-                f"{done}/{job.trials} trials finished when the sweep stopped")
-    if done < job.trials:
-        console.print(f"[red]{done}/{job.trials} trials finished[/red]; run the same command again to resume")
-    return code
-
+    return _finish(a, study, sweep, job, tracker, status, code)

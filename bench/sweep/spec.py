@@ -191,9 +191,8 @@ def _factors(where: str, expr, space) -> list[str | float]:
     return factors
 
 
-def load(path: str | Path) -> Sweep:
-    """Read and check a sweep file on its own (check_keys then checks it against the composed config)."""
-    path = Path(path)
+def _read(path: Path) -> dict:
+    """The file as a mapping of known keys."""
     if not path.is_file():
         shipped = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))
         raise BenchError(f"{path}: no such sweep file; shipped: {', '.join(f'sweeps/{n}' for n in shipped)}")
@@ -206,10 +205,10 @@ def load(path: str | Path) -> Sweep:
     unknown = set(doc) - set(KEYS)
     if unknown:
         raise BenchError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(KEYS)}")
+    return doc
 
-    overrides = doc.get("overrides") or []
-    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise BenchError(f"{path}: overrides: must be a list of strings like 'method=lora'")
+
+def _objective(path: Path, doc: dict) -> tuple[str, str]:
     objective = doc.get("objective") or {}
     if not isinstance(objective, dict):
         raise BenchError(f"{path}: objective: must be {{metric: METRIC, direction: maximize|minimize}}")
@@ -218,6 +217,35 @@ def load(path: str | Path) -> Sweep:
     direction = objective.get("direction", DEFAULT_DIRECTION[metric])
     if direction not in DIRECTIONS:
         raise BenchError(f"{path}: objective.direction: {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    return metric, direction
+
+
+def _sampler_pruner(path: Path, doc: dict, space: dict, metric: str) -> tuple[dict, dict | None]:
+    sampler, pruner = doc.get("sampler") or {"type": "TPESampler"}, doc.get("pruner")
+    valid = _classes(optuna.samplers, optuna.samplers.BaseSampler)
+    if not isinstance(sampler, dict) or sampler.get("type") not in valid:
+        raise BenchError(f"{path}: sampler.type: {sampler!r}; valid: {', '.join(valid)}")
+    not_grid = [n for n, d in space.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
+    if sampler["type"] == "GridSampler" and not_grid:
+        raise BenchError(f"{path}: search_space.{not_grid[0]}: GridSampler needs every entry to be "
+                         "type: categorical (the grid is their choices)")
+    valid = _classes(optuna.pruners, optuna.pruners.BasePruner)
+    if pruner is not None and (not isinstance(pruner, dict) or pruner.get("type") not in valid):
+        raise BenchError(f"{path}: pruner.type: {pruner!r}; valid: {', '.join(valid)}, or null for none")
+    if pruner and metric not in M.VAL_PERIODIC:
+        raise BenchError(f"{path}: pruner: needs an objective.metric the periodic evaluation reports "
+                         f"({', '.join(M.VAL_PERIODIC)}); got {metric!r}; set pruner: null")
+    return sampler, pruner
+
+
+def load(path: str | Path) -> Sweep:
+    """Read and check a sweep file on its own (check_keys then checks it against the composed config)."""
+    path = Path(path)
+    doc = _read(path)
+    overrides = doc.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise BenchError(f"{path}: overrides: must be a list of strings like 'method=lora'")
+    metric, direction = _objective(path, doc)
 
     raw_space = doc.get("search_space") or {}
     if not isinstance(raw_space, dict) or not raw_space:
@@ -227,23 +255,7 @@ def load(path: str | Path) -> Sweep:
     if not isinstance(derived_raw, dict):
         raise BenchError(f"{path}: derived: must map config keys to products like 'method.r * alpha_per_rank'")
     derived = {key: _factors(f"{path}: derived.{key}", expr, space) for key, expr in derived_raw.items()}
-
-    sampler = doc.get("sampler") or {"type": "TPESampler"}
-    valid = _classes(optuna.samplers, optuna.samplers.BaseSampler)
-    if not isinstance(sampler, dict) or sampler.get("type") not in valid:
-        raise BenchError(f"{path}: sampler.type: {sampler!r}; valid: {', '.join(valid)}")
-    if sampler["type"] == "GridSampler":
-        not_grid = [n for n, d in space.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
-        if not_grid:
-            raise BenchError(f"{path}: search_space.{not_grid[0]}: GridSampler needs every entry to be "
-                             "type: categorical (the grid is their choices)")
-    pruner = doc.get("pruner")
-    valid = _classes(optuna.pruners, optuna.pruners.BasePruner)
-    if pruner is not None and (not isinstance(pruner, dict) or pruner.get("type") not in valid):
-        raise BenchError(f"{path}: pruner.type: {pruner!r}; valid: {', '.join(valid)}, or null for none")
-    if pruner and metric not in M.VAL_PERIODIC:
-        raise BenchError(f"{path}: pruner: needs an objective.metric the periodic evaluation reports "
-                         f"({', '.join(M.VAL_PERIODIC)}); got {metric!r}; set pruner: null")
+    sampler, pruner = _sampler_pruner(path, doc, space, metric)
 
     trials = doc.get("trials")
     if trials is None and sampler["type"] == "GridSampler":

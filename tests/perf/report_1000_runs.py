@@ -151,7 +151,7 @@ def main() -> None:
             raise SystemExit(f"bench.report failed:\n{proc.stdout}{proc.stderr}")
 
         # imports paid here, outside the in-process timing
-        from bench.report import build_report, data, markdown, plots, sweeps  # noqa: F401
+        from bench.report import build_report, data, markdown, plots, runs, sweeps  # noqa: F401
         t0 = time.perf_counter()
         out, pngs = build_report(uri, ["peft-bench"], work / "reports" / "again.md")
         build_s = time.perf_counter() - t0
