@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
 import bench.core.methods.bottleneck as bottleneck
+import bench.core.methods.bottleneck.peft_internals as internals
 from bench.core import methods
 from bench.core.methods.bottleneck import (BottleneckConfig, BottleneckLayer, BottleneckOutput, BottleneckSublayerOutput,
                                       ResidualTap)
@@ -203,10 +204,11 @@ def test_peft_internals_check_passes_on_the_tested_peft():
 
 
 @pytest.mark.parametrize("break_it,names", [
-    (lambda mp: mp.delattr(bottleneck.BaseTuner, "_replace_module"), "BaseTuner._replace_module is gone"),
-    (lambda mp: mp.setattr(bottleneck, "register_peft_method", lambda name, config_cls, model_cls: None),
+    (lambda mp: mp.delattr(internals.BaseTuner, "_replace_module"), "BaseTuner._replace_module is gone"),
+    (lambda mp: mp.delattr(internals.BaseTunerLayer, "_cast_input_dtype"), "BaseTunerLayer._cast_input_dtype is gone"),
+    (lambda mp: mp.setattr(internals, "register_peft_method", lambda name, config_cls, model_cls: None),
      "register_peft_method has no parameter prefix"),
-    (lambda mp: mp.setattr(bottleneck, "PeftType", type("PeftType", (str,), {})), "PeftType is no longer a str Enum"),
+    (lambda mp: mp.setattr(internals, "PeftType", type("PeftType", (str,), {})), "PeftType is no longer a str Enum"),
 ])
 def test_peft_internals_changed_is_one_clear_error(monkeypatch, break_it, names):
     """What a peft release that changes the registration's footing would do: one ImportError naming the change
@@ -267,17 +269,21 @@ def test_tiny_random_bert_merge_refused_but_unload_works():
 
 def test_import_twice_is_idempotent(monkeypatch):
     importlib.import_module("bench.core.methods.bottleneck")  # cached import: no-op
-    # Execute the module file a second time under another name (what importlib.reload or a double import does).
+    # Execute the package a second time under another name (what importlib.reload or a double import does): its
+    # modules run again as bottleneck_second_copy.*, so every class is created anew.
     # register_peft_method alone would raise KeyError here; our registration must not.
     spec = importlib.util.spec_from_file_location("bottleneck_second_copy", bottleneck.__file__)
     second = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, second)  # dataclasses look the module up while executing it
     try:
         spec.loader.exec_module(second)
+        assert second.BottleneckConfig is not BottleneckConfig
         assert type(get_peft_config({"peft_type": "BOTTLENECK", "target_modules": PFEIFFER})) is second.BottleneckConfig
         assert second.PEFT_TYPE is bottleneck.PEFT_TYPE  # the enum member is not added twice
     finally:
         bottleneck._register()  # point peft back at this session's classes (also a third registration)
+        for name in [n for n in sys.modules if n.startswith(f"{spec.name}.")]:
+            del sys.modules[name]
     assert type(get_peft_config({"peft_type": "BOTTLENECK", "target_modules": PFEIFFER})) is BottleneckConfig
 
 

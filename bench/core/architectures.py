@@ -11,7 +11,7 @@ records the modules it actually targeted.
   for LoRA, IA3 and LN-tuning; `peft.utils.TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING`), where peft has an
   entry for the model type; else the family's value below.
 - adapter_houlsby, adapter_pfeiffer, adapter_parallel: the bottleneck-adapter sites of the family (see
-  bench/core/methods/bottleneck.py for what each wrapper computes).
+  bench/core/methods/bottleneck/__init__.py for what each wrapper computes).
 - head_modules: the model's top-level modules with parameters outside its backbone (`classifier` for BERT-style
   encoders, `score` for decoders); quant_skip_modules: those plus `pooler` where the backbone has one.
 

@@ -3,8 +3,10 @@
 The registry (`REGISTRY`, name -> `Metric`) is the public interface; the README's table *What every run records in
 MLflow* repeats its names with longer definitions (tests/test_metrics.py holds the two together). Each name is also
 a module constant (`VAL_ACCURACY == "val/accuracy"`), so that grep leads from a name to where it is measured
-(bench/core/train.py, bench/core/measure.py, bench/methods, bench/orchestration/worker.py) and where it is read. The groups other modules
-use (VAL_PERIODIC, TEST, HISTORY, RUN, COSTS) are derived from the registry, never listed by hand.
+(bench/core/train.py, bench/core/measure.py, bench/core/methods, bench/orchestration/worker.py) and where it is read.
+The groups other modules use (VAL_PERIODIC, TEST, HISTORY, RUN, COSTS) are derived from the registry, never listed by
+hand. Each metric is one `_declare` call assigned to its constant rather than a row of a data table, which would
+have to create the constants through globals(), out of reach of editors and type checkers.
 
 Protocol: selection (periodic evaluation, best step, pruning, sweep objectives) uses the validation split
 (`val/*`); the test split is scored once, at the end of a run (`test/*`).

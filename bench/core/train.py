@@ -84,11 +84,67 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
+class _Best:
+    """The best val/accuracy of the periodic evaluations, its step (ties keep the earlier one) and, with
+    train.select=best, the trainable weights of that step."""
+
+    def __init__(self, keep_weights: bool) -> None:
+        self.accuracy, self.step, self.state, self.keep_weights = -1.0, 0, None, keep_weights
+
+    def update(self, step: int, val: dict[str, float], model) -> None:
+        if val[M.VAL_ACCURACY] > self.accuracy:
+            self.accuracy, self.step = val[M.VAL_ACCURACY], step
+            if self.keep_weights:
+                self.state = _trainable_state(model)
+
+    def restore(self, model) -> None:
+        """train.select=best: put the kept weights back, to be tested and saved."""
+        if self.state is not None:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in self.state:
+                        p.copy_(self.state[n])
+
+
+class _Pending:
+    """Points for the store: handed to `log` at the next evaluation, or once FLUSH_S have passed since the last."""
+
+    def __init__(self, log: Callable[[Points], None]) -> None:
+        self.log, self.points, self.flushed = log, [], time.monotonic()
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self.points.append((step, metrics))
+
+    def due(self) -> bool:
+        return time.monotonic() - self.flushed > FLUSH_S
+
+    def flush(self, *more: tuple[int, dict[str, float]]) -> None:
+        self.log([*self.points, *more])
+        self.points, self.flushed = [], time.monotonic()
+
+
+def _step(model, batch, params, optimizer, scheduler, after_step, max_grad_norm: float, step: int) -> torch.Tensor:
+    """One optimizer step on `batch` (inside time/train_s); returns its loss."""
+    model.train()
+    loss = model(**batch).loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if after_step is not None:
+        after_step(step)  # sees this step's gradients (before zero_grad)
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, device: torch.device,
         meter: Meter, log: Callable[[Points], None] = lambda points: None,
         on_eval: Callable[[int, dict], None] | None = None) -> dict[str, float]:
     """Train `model` in place, evaluating on `val_ds`; with cfg.select == "best" the weights of the best
     val/accuracy step are restored at the end. Return the final metrics (names as logged to MLflow)."""
+    # over 60 lines: the one training loop, kept whole so that where the clocks stop and start reads in one place
     steps = total_steps(cfg, len(train_ds))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -100,26 +156,15 @@ def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, 
 
     tokens = samples = 0          # real (non-padding) tokens and examples seen by training steps
     window: list[float] = []      # losses since the last train/loss point
-    pending: Points = []          # store writes wait for the next evaluation or FLUSH_S (clock stopped)
-    flushed = time.monotonic()
-    best_accuracy, best_step, best_state = -1.0, 0, None
+    pending = _Pending(log)       # store writes wait for the next evaluation or FLUSH_S (clock stopped)
+    best = _Best(keep_weights=cfg.select == "best")
     last_loss, val, opt_bytes = float("nan"), {}, 0
     before_train = meter.current_bytes()  # mem/train_growth_bytes: model and data loaded, nothing trained yet
     bar = tqdm(range(1, steps + 1), desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     meter.start("train")
     for step in bar:
-        model.train()
         batch = _pad(tokenizer, [train_rows[i] for i in next(batches)], device)
-        loss = model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        if after_step is not None:
-            after_step(step)  # inside time/train_s; sees this step's gradients (before zero_grad)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = _step(model, batch, params, optimizer, scheduler, after_step, cfg.max_grad_norm, step)
         if step == 1:
             opt_bytes = optimizer_bytes(optimizer)  # mem/optimizer_bytes: the state exists after the first step
         tokens += int(batch["attention_mask"].sum())
@@ -129,25 +174,20 @@ def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, 
         evaluating = step % eval_every == 0 or step == steps
         if step % cfg.log_every == 0 or step == steps:
             last_loss = sum(window) / len(window)  # train/loss: mean training loss over the last log window
-            pending.append((step, {M.TRAIN_LOSS: last_loss, M.TRAIN_LR: scheduler.get_last_lr()[0]}))
+            pending.add(step, {M.TRAIN_LOSS: last_loss, M.TRAIN_LR: scheduler.get_last_lr()[0]})
             window.clear()
             bar.set_postfix(loss=f"{last_loss:.4f}")
-            if time.monotonic() - flushed > FLUSH_S and not evaluating:
+            if pending.due() and not evaluating:
                 meter.stop("train")  # a long stretch without evaluation: show progress in the store now
-                log(pending)
-                pending, flushed = [], time.monotonic()
+                pending.flush()
                 meter.start("train")
         if evaluating:
             meter.stop("train")
             meter.start("eval")
             val, _ = evaluate(model, val_ds, tokenizer, cfg.eval_batch_size, num_labels, device, split="val")
             meter.stop("eval")
-            if val[M.VAL_ACCURACY] > best_accuracy:  # ties keep the earlier step
-                best_accuracy, best_step = val[M.VAL_ACCURACY], step
-                if cfg.select == "best":
-                    best_state = _trainable_state(model)
-            log([*pending, (step, val)])
-            pending, flushed = [], time.monotonic()
+            best.update(step, val, model)
+            pending.flush((step, val))
             bar.set_postfix(loss=f"{loss.item():.4f}", val_acc=f"{val[M.VAL_ACCURACY]:.3f}")
             if on_eval is not None:
                 on_eval(step, val)  # e.g. a sweep's pruner; may raise to stop the run
@@ -155,16 +195,12 @@ def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, 
                 meter.start("train")
     bar.close()
 
-    if best_state is not None:  # train.select=best: test and save the weights of the best validation step
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in best_state:
-                    p.copy_(best_state[n])
+    best.restore(model)  # train.select=best: test and save the weights of the best validation step
     train_s = meter.seconds["train"]
     return {**val,
-            M.VAL_BEST_ACCURACY: best_accuracy,   # max of val/accuracy over the periodic evaluations
-            M.VAL_BEST_STEP: best_step,           # the step it was reached at (the earliest, on ties)
-            M.TRAIN_SELECTED_STEP: best_step if cfg.select == "best" else steps,
+            M.VAL_BEST_ACCURACY: best.accuracy,   # max of val/accuracy over the periodic evaluations
+            M.VAL_BEST_STEP: best.step,           # the step it was reached at (the earliest, on ties)
+            M.TRAIN_SELECTED_STEP: best.step if cfg.select == "best" else steps,
             M.TRAIN_LOSS: last_loss,
             M.TRAIN_STEPS: steps,
             M.TRAIN_TOKENS: tokens,

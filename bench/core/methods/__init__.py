@@ -8,7 +8,7 @@
 - peft: the YAML's keys (but the harness's own: name, kind, lr, ...) are handed to peft's config class for its
   `peft_type`, each knob under one name: its public name, mapped to peft's field name by PEFT_FIELDS where the two
   differ (`method.alpha` -> `lora_alpha`); the task head trains too (peft `modules_to_save`). The bottleneck adapters
-  are a peft method registered in bottleneck.py.
+  are a peft method registered in bottleneck/.
 
 `step_hook` is the one place a method acts inside the common training loop (AdaLoRA's rank allocation).
 """
@@ -146,10 +146,11 @@ def peft_config(method_cfg, model_cfg):
 def _no_boft_cuda_build() -> None:
     """peft's BOFT builds a CUDA kernel (fbd_cuda, with nvcc and ninja) when its first layer is created and, without
     it, sets boft_n_butterfly_factor to 1. Without CUDA that kernel could never run: skip the doomed build (minutes
-    of nvcc where a CUDA toolkit is installed) and take peft's fallback directly."""
+    of nvcc where a CUDA toolkit is installed) and take peft's fallback directly. The kernel's cache is private to
+    peft (bench/private_apis.py: PEFT_BOFT_KERNEL); where a release drops it, this does nothing."""
     if not torch.cuda.is_available():
         from peft.tuners.boft import layer
-        if layer._FBD_CUDA is None:
+        if getattr(layer, "_FBD_CUDA", False) is None:  # None: not built yet; get_fbd_cuda() returns any other value
             layer._FBD_CUDA = False
 
 
