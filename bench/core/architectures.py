@@ -15,7 +15,7 @@ records the modules it actually targeted.
 - head_modules: the model's top-level modules with parameters outside its backbone (`classifier` for BERT-style
   encoders, `score` for decoders); quant_skip_modules: those plus `pooler` where the backbone has one.
 
-A model type outside FAMILIES resolves to null; bench.orchestration.validate.check_model then names the key to set.
+A model type outside FAMILIES resolves to null; bench.orchestration.validate_model.check_model names the key to set.
 """
 from __future__ import annotations
 
@@ -76,8 +76,8 @@ def quant_skip_default(model) -> list[str]:
 
 @functools.cache
 def _defaults(source: str, trust_remote_code: bool) -> dict:
-    from bench.orchestration import validate as config
-    model = config.meta_model(source, trust_remote_code)
+    from bench.orchestration.validate_model import meta_model
+    model = meta_model(source, trust_remote_code)
     model_type = model.config.model_type
     out = {role: target_default(role, model_type) for role in TARGET_ROLES}
     out.update(head_modules=head_default(model), quant_skip_modules=quant_skip_default(model))
@@ -86,10 +86,10 @@ def _defaults(source: str, trust_remote_code: bool) -> dict:
 
 def defaults(model_cfg) -> dict | None:
     """Every role's default for this model YAML's model, or None when its config.json cannot be read (validation,
-    bench.orchestration.validate.check_model, reports that as one line)."""
-    from bench.orchestration import validate as config
+    bench.orchestration.validate_model.check_model, reports that as one line)."""
+    from bench.orchestration.validate_model import config_source
     try:
-        source = config.config_source(model_cfg)
+        source = config_source(model_cfg)
         return None if source is None else _defaults(source, bool(model_cfg.trust_remote_code))
     except Exception:  # no config.json, hub unreachable, name_or_path unset: reported by validation
         return None

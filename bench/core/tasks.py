@@ -130,21 +130,27 @@ LOADERS = {"trec": load_trec, "finefoods": load_finefoods, "rotten_tomatoes": lo
            "local": load_local, "hf": load_hf}
 
 
-def _label_ids(values: list, label_names: list[str], split: str) -> list[int]:
-    """Map raw labels to ids: a label equal to a class name takes its index; an int is an index itself."""
+def match_labels(values: list, label_names: list[str]) -> list[int | None]:
+    """Each raw label's id: a label equal to a class name takes its index; an int is an index itself; None: neither."""
     index = {name: i for i, name in enumerate(label_names)}
-    ids, bad = [], set()
-    for v in values:
-        if str(v) in index:
-            ids.append(index[str(v)])
-        elif isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(label_names):
-            ids.append(v)
-        else:
-            bad.add(v)
+    n = len(label_names)
+    return [index[str(v)] if str(v) in index else v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n
+            else None for v in values]
+
+
+def outside_classes(bad: list, label_names: list[str], split: str) -> str:
+    """The line for labels that match no class (match_labels gave None)."""
+    shown = ", ".join(map(repr, sorted(set(bad), key=str)[:5]))
+    return (f"task.label_names: {split} labels {shown} are outside the declared classes {list(label_names)} "
+            f"(int labels must lie in 0..{len(label_names) - 1})")
+
+
+def label_ids(values: list, label_names: list[str], split: str) -> list[int]:
+    """Map raw labels to ids (match_labels); BenchError naming the labels that match no class."""
+    ids = match_labels(values, label_names)
+    bad = [v for v, i in zip(values, ids) if i is None]
     if bad:
-        shown = ", ".join(map(repr, sorted(bad, key=str)[:5]))
-        raise BenchError(f"task.label_names: {split} labels {shown} are outside the declared classes "
-                         f"{list(label_names)} (int labels must lie in 0..{len(label_names) - 1})")
+        raise BenchError(outside_classes(bad, label_names, split))
     return ids
 
 
@@ -183,7 +189,7 @@ def load(cfg, seed: int) -> TaskData:
     for split in raw:
         ds = raw[split]
         splits[split] = Dataset.from_dict({"text": [str(t) for t in ds[cfg.text_column]],
-                                           "label": _label_ids(ds[cfg.label_column], names, split)})
+                                           "label": label_ids(ds[cfg.label_column], names, split)})
     if "validation" not in splits:
         size = validation_count(cfg.validation_size, len(splits["train"]))
         splits["train"], splits["validation"] = hold_out(splits["train"], size, "label", cfg.split_seed)

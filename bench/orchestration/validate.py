@@ -1,27 +1,25 @@
 """Checks on the composed config, run before any model or data is loaded and before any MLflow run exists.
 
 `validate(cfg)` raises BenchError with one line: the key or file, what is wrong, the valid choices or range.
-Cheap checks first (numbers, choices, the tracking store reachable within a few seconds); then the data
-files (read, columns, labels) and the model's config.json (an empty meta-device instance: module names for
-target_modules and head_modules, forward arguments for prompt-style methods).
+Cheap checks first (numbers, choices, here; the tracking store reachable within a few seconds); then the data
+(every row of local files: validate_data.py) and the model and method (an empty meta-device instance built from
+config.json, with peft building the method on it: validate_model.py).
 `check_command(overrides, multirun)` composes every job of a command line with Hydra and validates each, so
-`python -m bench` stops before the first job starts.
+`python -m bench` stops before the first job starts; the jobs it validated are not validated again.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import itertools
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from bench.errors import BenchError
 from bench.fmt import error_line
+from bench.orchestration.validate_data import check_data, check_tracking  # noqa: F401  (public here too)
+from bench.orchestration.validate_model import check_model, config_source, meta_model  # noqa: F401
 
-GROUPS = ("method", "model", "task", "quant")
 SELECT = ("last", "best")   # train.select: which weights are tested and saved (bench/core/train.py)
-TRACKING_TIMEOUT_S = 5
 EXAMPLES = {"model.name_or_path": "a hub id or a local model folder with config.json",
             "task.path": "a csv / tsv / jsonl / parquet file", "task.dataset": "a hub dataset id or a local folder"}
 
@@ -84,38 +82,8 @@ def validate(cfg) -> None:
     _bool("rerun", cfg.get("rerun", False))
     _bool("train.isolate", cfg.train.isolate)
     _bool("model.trust_remote_code", cfg.model.trust_remote_code)
-
-    t = cfg.train
-    for key in ("lr", "batch_size", "eval_batch_size", "max_length", "log_every", "max_grad_norm"):
-        _positive(f"train.{key}", t[key])
-    _positive("train.eval_every", t.eval_every, allow_none=True)
-    _positive("train.threads", t.threads, allow_none=True)
-    if t.max_steps is None and t.epochs is None:
-        raise BenchError("train.max_steps / train.epochs: both unset; set one to a number > 0")
-    _positive("train.max_steps", t.max_steps, allow_none=True)
-    _positive("train.epochs", t.epochs, allow_none=True)
-    if not isinstance(t.warmup_ratio, (int, float)) or not 0 <= t.warmup_ratio < 1:
-        raise BenchError(f"train.warmup_ratio: must lie in [0, 1), got {t.warmup_ratio!r}")
-    if not isinstance(t.weight_decay, (int, float)) or t.weight_decay < 0:
-        raise BenchError(f"train.weight_decay: must be a number >= 0, got {t.weight_decay!r}")
-    for key in ("r", "alpha", "reduction_factor", "num_virtual_tokens", "init_r", "target_r", "block_size",
-                "n_butterfly_factor", "n_frequency", "num_vectors", "vector_length", "topk"):
-        if key in cfg.method:
-            _positive(f"method.{key}", cfg.method[key])
-    _check_new_method_knobs(cfg)
-    if "dropout" in cfg.method and not (isinstance(cfg.method.dropout, (int, float))
-                                        and 0 <= cfg.method.dropout < 1):
-        raise BenchError(f"method.dropout: must lie in [0, 1), got {cfg.method.dropout!r}")
-    for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):  # larger than a split: clamped
-        _positive(f"task.{key}", cfg.task[key], allow_none=True)
-    size = cfg.task.validation_size
-    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1
-                                 or isinstance(size, float) and 0 < size < 1):
-        raise BenchError(f"task.validation_size: must be a count >= 1 or a fraction in (0, 1), or null "
-                         f"(10 % of train, at most 500), got {size!r}")
-    if cfg.train.select not in SELECT:
-        raise BenchError(f"train.select: unknown choice {cfg.train.select!r}; valid: {', '.join(SELECT)}")
-
+    _check_train(cfg.train)
+    _check_method_and_task(cfg)
     if cfg.quant.name != "none":
         if cfg.method.kind == "full":
             raise BenchError(f"quant={cfg.quant.name} with method=full: quantized weights cannot be fine-tuned "
@@ -137,223 +105,39 @@ def validate(cfg) -> None:
     check_model(cfg)
 
 
-# --- data -------------------------------------------------------------------------------------------------
-
-def check_data(task) -> None:
-    """The data exist, have the text and label columns, and their labels fit the declared classes."""
-    from bench.core import tasks
-    if task.loader == "local":
-        files = tasks.local_files(task)
-        frames = {split: tasks.read_table(path, key) for split, (key, path) in files.items()}
-        for split, df in frames.items():
-            for key in ("text_column", "label_column"):
-                if task[key] not in df.columns:
-                    raise BenchError(f"task.{key}: column {task[key]!r} not in {files[split][1]}; "
-                                     f"columns: {', '.join(map(str, df.columns))}")
-        names = task.label_names
-        if names is None:
-            names = sorted({str(v) for v in frames["train"][task.label_column].tolist()})
-        for split, df in frames.items():
-            tasks._label_ids(df[task.label_column].tolist(), [str(n) for n in names], split)
-    elif task.loader in ("trec", "rotten_tomatoes"):
-        from bench.assets import asset_file
-        asset_file(task.asset, task.file)  # hash-checked; a corrupted file is fetched again once, else AssetError
-    elif task.loader == "hf":
-        from datasets import get_dataset_split_names
-        try:
-            splits = get_dataset_split_names(str(task.dataset), task.config)
-        except Exception as e:  # not found, offline, bad config name: datasets raises many types
-            raise BenchError(f"task.dataset: cannot read the splits of {task.dataset!r}: "
-                             f"{error_line(e, with_type=False)}") from e
-        for key in ("train_split", "test_split", "validation_split"):
-            if task[key] is not None and task[key] not in splits:
-                raise BenchError(f"task.{key}: split {task[key]!r} not in {task.dataset}; valid: {', '.join(splits)}")
+def _check_train(t) -> None:
+    for key in ("lr", "batch_size", "eval_batch_size", "max_length", "log_every", "max_grad_norm"):
+        _positive(f"train.{key}", t[key])
+    _positive("train.eval_every", t.eval_every, allow_none=True)
+    _positive("train.threads", t.threads, allow_none=True)
+    if t.max_steps is None and t.epochs is None:
+        raise BenchError("train.max_steps / train.epochs: both unset; set one to a number > 0")
+    _positive("train.max_steps", t.max_steps, allow_none=True)
+    _positive("train.epochs", t.epochs, allow_none=True)
+    if not isinstance(t.warmup_ratio, (int, float)) or not 0 <= t.warmup_ratio < 1:
+        raise BenchError(f"train.warmup_ratio: must lie in [0, 1), got {t.warmup_ratio!r}")
+    if not isinstance(t.weight_decay, (int, float)) or t.weight_decay < 0:
+        raise BenchError(f"train.weight_decay: must be a number >= 0, got {t.weight_decay!r}")
+    if t.select not in SELECT:
+        raise BenchError(f"train.select: unknown choice {t.select!r}; valid: {', '.join(SELECT)}")
 
 
-# --- model ------------------------------------------------------------------------------------------------
-
-def config_source(model_cfg) -> str | None:
-    """Where the model's config.json is read from: a folder or a hub id; None when not available cheaply."""
-    from bench.core import models
-    if model_cfg.source == "smollm2_gguf":
-        from bench import assets
-        folder = assets._smollm2_path()  # built once from the GGUF; before that, checked when it is built
-        return str(folder) if assets._check_dir(folder) is None else None
-    path = models.resolve_path(model_cfg)
-    p = Path(path).expanduser()
-    if p.exists() or model_cfg.source == "package" or path.startswith((".", "/", "~")):
-        if not p.is_dir():
-            raise BenchError(f"model.name_or_path: model folder not found: {path}")
-        if not (p / "config.json").is_file():
-            raise BenchError(f"model.name_or_path: no config.json in {path}; a model folder needs config.json, "
-                             "the weights (*.safetensors) and the tokenizer files")
-        return str(p)
-    return path  # a hub id
-
-
-@functools.cache
-def meta_model(source: str, trust_remote_code: bool):
-    """The sequence classifier built from config.json on the meta device: names and signatures, no weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception as e:  # missing/garbled config.json, unknown model type, hub unreachable
-        raise BenchError(f"model.name_or_path: cannot read the model config of {source}: "
-                         f"{error_line(e, with_type=False)}") from e
-    try:
-        with torch.device("meta"):
-            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise BenchError(f"model.name_or_path: model type {config.model_type!r} has no sequence-classification "
-                         f"class in transformers; {error_line(e, with_type=False)}") from e
-
-
-def _linear_leaf_names(model) -> list[str]:
-    import torch
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-
-
-# peft methods whose layers refuse (or, OLoRA's init, mis-shape) transformers' Conv1D, GPT-2's projections, as of
-# the peft range in pyproject.toml; tests/test_architectures.py trains every method on GPT-2 to keep this true
-NO_CONV1D = {"BOFT": "BOFT", "HRA": "HRA", "LOHA": "LoHa", "LOKR": "LoKr", "OFT": "OFT"}
-
-
-def _check_conv1d(method: str, pc, model, targeted) -> None:
-    from transformers.pytorch_utils import Conv1D
-    what = NO_CONV1D.get(pc.peft_type) or ("OLoRA's initialization" if getattr(pc, "init_lora_weights", None)
-                                                == "olora" else None)
-    if what is None:
-        return
-    conv = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, Conv1D)
-                   and targeted(pc, n)})
-    if conv:
-        raise BenchError(f"method={method}: peft's {what} does not support the Conv1D layers of "
-                         f"{type(model).__name__} ({', '.join(conv)}); valid here: lora, dora, rslora, pissa, ia3, "
-                         "vera, fourierft, vblora, adalora, the adapters or a prompt method")
-
-
-def _target_key(method_cfg) -> str:
-    """The key a user sets for this method's target modules: the model YAML role it reads, else its own."""
-    import re
-    raw = OmegaConf.to_container(method_cfg, resolve=False).get("target_modules")
-    m = re.fullmatch(r"\$\{model\.target_modules\.(\w+)\}", str(raw))
-    return f"model.target_modules.{m.group(1)}" if m else "method.target_modules"
-
-
-def _accepts(fn, arg: str) -> bool:
-    import inspect
-    return arg in inspect.signature(fn).parameters
-
-
-def check_model(cfg) -> None:
-    """config.json exists; head_modules and target_modules name modules of the model; prompt-style methods
-    only on model classes that accept what peft feeds them (past_key_values / inputs_embeds)."""
-    source = config_source(cfg.model)
-    if source is None:
-        return
-    model = meta_model(source, bool(cfg.model.trust_remote_code))
-    kind = type(model).__name__
-    names = [n for n, _ in model.named_modules()]
-    head = list(cfg.model.head_modules)
-    if not any(part in head for n in names for part in n.split(".")):
-        children = ", ".join(n for n, _ in model.named_children())
-        raise BenchError(f"model.head_modules: {head} names no module of {kind}; its top-level modules: {children}")
-    if cfg.method.kind in ("freeze", "bitfit"):
-        from bench.core import methods
-        methods.trainable_names(model, cfg.method, cfg.model)  # trainable_layers in range, blocks / biases found
-    if cfg.method.kind != "peft":
-        return
-    from bench.core import methods
-    try:
-        pc = methods.peft_config(cfg.method, cfg.model)
-    except BenchError:   # a key that is no field of peft's config class: names method.<key>
-        raise
-    except Exception as e:  # peft's config classes raise TypeError/ValueError for bad values
-        raise BenchError(f"method={cfg.method.name}: peft rejects the config: "
-                         f"{error_line(e, with_type=False)}") from e
-    if pc.is_prompt_learning:
-        backbone = getattr(model, model.base_model_prefix, model)
-        if pc.peft_type == "PREFIX_TUNING":
-            if not (_accepts(model.forward, "past_key_values") or _accepts(backbone.forward, "past_key_values")):
-                raise BenchError(f"method={cfg.method.name}: prefix tuning needs a model that accepts "
-                                 f"past_key_values; {kind} does not. Valid here: prompt, ptuning or a method that "
-                                 "adapts weights (lora, ia3, adapter, ...)")
-        elif not _accepts(model.forward, "inputs_embeds"):
-            raise BenchError(f"method={cfg.method.name}: prompt tuning needs a model that accepts inputs_embeds; "
-                             f"{kind} does not. Valid here: a method that adapts weights (lora, ia3, adapter, ...)")
-        return
-    target = getattr(pc, "target_modules", None)
-    if target is None and "target_modules" in cfg.method:
-        key = _target_key(cfg.method)
-        from bench.core import architectures
-        raise BenchError(f"{key}: no default for model type {model.config.model_type!r} (defaults exist for "
-                         f"{', '.join(sorted(architectures.FAMILIES))}); set {key}=[...] to module names of {kind}: "
-                         f"{', '.join(_linear_leaf_names(model))}")
-    if target:
-        from peft.tuners.tuners_utils import check_target_module_exists
-        if not any(check_target_module_exists(pc, n) for n in names if n):
-            shown = repr(sorted(target)) if isinstance(target, (set, list, tuple)) else f"'{target}'"
-            raise BenchError(f"method.target_modules: {shown} matches no module of {kind}; valid names (linear "
-                             f"layers): {', '.join(_linear_leaf_names(model))}, or a regex over the full module names")
-        _check_conv1d(cfg.method.name, pc, model, check_target_module_exists)
-        vector_length = getattr(pc, "vector_length", None)   # VB-LoRA: sub-vectors must tile every targeted width
-        if vector_length:
-            import math
-            widths = {w for n, m in model.named_modules() if n and check_target_module_exists(pc, n)
-                      for w in (getattr(m, "in_features", None), getattr(m, "out_features", None)) if w}
-            if any(w % vector_length for w in widths):
-                raise BenchError(f"method.vector_length: {vector_length} does not divide the widths of the targeted "
-                                 f"layers ({', '.join(map(str, sorted(widths)))}); valid: a divisor of "
-                                 f"{math.gcd(*widths)}")
-
-
-# --- tracking ---------------------------------------------------------------------------------------------
-
-@functools.cache
-def _http_reachable(uri: str) -> None:
-    import urllib.error
-    import urllib.request
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=TRACKING_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return  # the server answered
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise BenchError(f"tracking.uri: cannot reach {uri} within {TRACKING_TIMEOUT_S} s ({reason}); start the "
-                         "server (mlflow server --host 127.0.0.1 --port 5000) or use the local store "
-                         "tracking.uri=sqlite:///mlflow.db") from None
-
-
-def check_tracking(uri: str, experiment) -> None:
-    """Fail in seconds instead of letting MLflow retry an unreachable store for minutes."""
-    if not isinstance(experiment, str) or not experiment.strip():
-        raise BenchError(f"tracking.experiment: must be a non-empty name, got {experiment!r}")
-    if uri.startswith(("http://", "https://")):
-        try:
-            _http_reachable(uri)
-        except BenchError:
-            _http_reachable.cache_clear()  # the next call probes again
-            raise
-    elif uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///")).expanduser()
-        if path.exists():
-            if not path.is_file():
-                raise BenchError(f"tracking.uri: {path} is not a file; give a SQLite file, e.g. sqlite:///mlflow.db")
-            with open(path, "rb") as f:
-                head = f.read(16)
-            if head and head != b"SQLite format 3\x00":
-                raise BenchError(f"tracking.uri: {path} is not a SQLite database; give another file name")
-            return
-        parent = path.absolute().parent
-        while not parent.exists():
-            parent = parent.parent
-        import os
-        if not os.access(parent, os.W_OK):
-            raise BenchError(f"tracking.uri: cannot create {path}: {parent} is not writable")
-    elif "://" in uri and not uri.startswith(("sqlite:", "file:", "databricks", "postgresql", "mysql", "mssql")):
-        raise BenchError(f"tracking.uri: unsupported scheme in {uri!r}; valid: sqlite:///FILE, http(s)://HOST:PORT, "
-                         "or another MLflow store URI (postgresql://, mysql://, file:, databricks)")
+def _check_method_and_task(cfg) -> None:
+    for key in ("r", "alpha", "reduction_factor", "num_virtual_tokens", "init_r", "target_r", "block_size",
+                "n_butterfly_factor", "n_frequency", "num_vectors", "vector_length", "topk"):
+        if key in cfg.method:
+            _positive(f"method.{key}", cfg.method[key])
+    _check_new_method_knobs(cfg)
+    if "dropout" in cfg.method and not (isinstance(cfg.method.dropout, (int, float))
+                                        and 0 <= cfg.method.dropout < 1):
+        raise BenchError(f"method.dropout: must lie in [0, 1), got {cfg.method.dropout!r}")
+    for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):  # larger than a split: clamped
+        _positive(f"task.{key}", cfg.task[key], allow_none=True)
+    size = cfg.task.validation_size
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1
+                                 or isinstance(size, float) and 0 < size < 1):
+        raise BenchError(f"task.validation_size: must be a count >= 1 or a fraction in (0, 1), or null "
+                         f"(10 % of train, at most 500), got {size!r}")
 
 
 # --- the whole command line -------------------------------------------------------------------------------
