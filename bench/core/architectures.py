@@ -76,7 +76,7 @@ def quant_skip_default(model) -> list[str]:
 
 @functools.cache
 def _defaults(source: str, trust_remote_code: bool) -> dict:
-    from bench.orchestration.validate_model import meta_model
+    from bench.core.models import meta_model
     model = meta_model(source, trust_remote_code)
     model_type = model.config.model_type
     out = {role: target_default(role, model_type) for role in TARGET_ROLES}
@@ -87,7 +87,7 @@ def _defaults(source: str, trust_remote_code: bool) -> dict:
 def defaults(model_cfg) -> dict | None:
     """Every role's default for this model YAML's model, or None when its config.json cannot be read (validation,
     bench.orchestration.validate_model.check_model, reports that as one line)."""
-    from bench.orchestration.validate_model import config_source
+    from bench.core.models import config_source
     try:
         source = config_source(model_cfg)
         return None if source is None else _defaults(source, bool(model_cfg.trust_remote_code))

@@ -9,6 +9,7 @@ in bench/core/quant_backend.py.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from bench.core import quant_backend
 from bench.errors import BenchError
+from bench.fmt import error_line
 
 quant_backend.quiet()  # before anything imports peft, which imports bitsandbytes (see bench/core/quant_backend.py)
 
@@ -83,3 +85,40 @@ def keep_off_cpu_packing(model) -> None:
         if isinstance(module, Linear4bit):
             # bnb>=0.49 repacks it for inference at an AVX512-BF16 CPU's first no-grad eval, never back: training fails
             module.support_avx512bf16_for_cpu = False
+
+
+# --- the model without weights: what validation and the ${arch:...} defaults read ---------------------------
+
+def config_source(model_cfg) -> str | None:
+    """Where the model's config.json is read from: a folder or a hub id; None when not available cheaply."""
+    if model_cfg.source == "smollm2_gguf":
+        from bench import assets
+        folder = assets.smollm2_path()  # built once from the GGUF; before that, checked when it is built
+        return str(folder) if assets.check_dir(folder) is None else None
+    path = resolve_path(model_cfg)
+    p = Path(path).expanduser()
+    if p.exists() or model_cfg.source == "package" or path.startswith((".", "/", "~")):
+        if not p.is_dir():
+            raise BenchError(f"model.name_or_path: model folder not found: {path}")
+        if not (p / "config.json").is_file():
+            raise BenchError(f"model.name_or_path: no config.json in {path}; a model folder needs config.json, "
+                             "the weights (*.safetensors) and the tokenizer files")
+        return str(p)
+    return path  # a hub id
+
+
+@functools.cache
+def meta_model(source: str, trust_remote_code: bool):
+    """The sequence classifier built from config.json on the meta device: names and signatures, no weights."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as e:  # missing/garbled config.json, unknown model type, hub unreachable
+        raise BenchError(f"model.name_or_path: cannot read the model config of {source}: "
+                         f"{error_line(e, with_type=False)}") from e
+    try:
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise BenchError(f"model.name_or_path: model type {config.model_type!r} has no sequence-classification "
+                         f"class in transformers; {error_line(e, with_type=False)}") from e

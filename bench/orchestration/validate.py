@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from bench.errors import BenchError
 from bench.fmt import error_line
 from bench.orchestration.validate_data import check_data, check_tracking  # noqa: F401  (public here too)
-from bench.orchestration.validate_model import check_model, config_source, meta_model  # noqa: F401
+from bench.orchestration.validate_model import check_model  # noqa: F401
 
 SELECT = ("last", "best")   # train.select: which weights are tested and saved (bench/core/train.py)
 EXAMPLES = {"model.name_or_path": "a hub id or a local model folder with config.json",

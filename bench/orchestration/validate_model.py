@@ -8,52 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import re
 import warnings
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from bench.core.models import config_source, meta_model
 from bench.errors import BenchError
 from bench.fmt import MAX_ERROR_CHARS, error_line
-
-
-def config_source(model_cfg) -> str | None:
-    """Where the model's config.json is read from: a folder or a hub id; None when not available cheaply."""
-    from bench.core import models
-    if model_cfg.source == "smollm2_gguf":
-        from bench import assets
-        folder = assets.smollm2_path()  # built once from the GGUF; before that, checked when it is built
-        return str(folder) if assets.check_dir(folder) is None else None
-    path = models.resolve_path(model_cfg)
-    p = Path(path).expanduser()
-    if p.exists() or model_cfg.source == "package" or path.startswith((".", "/", "~")):
-        if not p.is_dir():
-            raise BenchError(f"model.name_or_path: model folder not found: {path}")
-        if not (p / "config.json").is_file():
-            raise BenchError(f"model.name_or_path: no config.json in {path}; a model folder needs config.json, "
-                             "the weights (*.safetensors) and the tokenizer files")
-        return str(p)
-    return path  # a hub id
-
-
-@functools.cache
-def meta_model(source: str, trust_remote_code: bool):
-    """The sequence classifier built from config.json on the meta device: names and signatures, no weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception as e:  # missing/garbled config.json, unknown model type, hub unreachable
-        raise BenchError(f"model.name_or_path: cannot read the model config of {source}: "
-                         f"{error_line(e, with_type=False)}") from e
-    try:
-        with torch.device("meta"):
-            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise BenchError(f"model.name_or_path: model type {config.model_type!r} has no sequence-classification "
-                         f"class in transformers; {error_line(e, with_type=False)}") from e
 
 
 def _linear_leaf_names(model) -> list[str]:
