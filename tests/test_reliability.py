@@ -368,3 +368,26 @@ def test_remote_code_off_unless_the_model_config_asks():
 def test_nothing_binds_beyond_localhost():
     sources = [*(ROOT / "bench").rglob("*.py"), ROOT / "README.md"]
     assert not [p for p in sources if "0.0.0.0" in p.read_text()]
+
+
+# --- memory figures belong to their own job ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_warm_forked_workers_keep_memory_figures_per_job(tmp_path):
+    """MiniLM: `head` after `full` in one multirun peaks where `head` alone does (each job a fresh fork of the
+    template), while in one process (train.isolate=false) the same `head` run inherits full's high-water mark."""
+    short = ["train.max_steps=2", "train.eval_every=null", "task.max_train_samples=32", "task.max_eval_samples=16",
+             "task.max_test_samples=16", "train.threads=1", "device=cpu"]
+
+    def peaks(name: str, methods: str, *extra: str) -> dict[str, float]:
+        uri = f"sqlite:///{tmp_path}/{name}.db"
+        subprocess.run([sys.executable, "-m", "bench", f"method={methods}", *short, *extra, f"tracking.uri={uri}",
+                        f"hydra.sweep.dir={tmp_path}/{name}", "-m"], cwd=tmp_path, check=True, capture_output=True)
+        return {r.data.tags["method"]: r.data.metrics["mem/peak_train_bytes"] for r in runs(uri)}
+
+    alone = peaks("alone", "head")["head"]
+    after_full = peaks("forked", "full,head")
+    shared = peaks("shared", "full,head", "train.isolate=false")
+    assert after_full["full"] > alone + 100 * 2**20   # full's optimizer state alone is ~180 MiB
+    assert abs(after_full["head"] - alone) < 0.05 * alone, (after_full, alone)
+    assert shared["head"] > alone + 50 * 2**20, (shared, alone)   # the control: the check tells the two apart

@@ -111,6 +111,9 @@ def test_sweep_runs_n_trials_nested_under_one_parent_run(sweep_args, tmp_path):
         assert float(run.data.params["method.alpha"]) == r * mult
         assert float(run.data.params["train.lr"]) == pytest.approx(t.params["train.lr"])
         assert run.data.params["model.name_or_path"] != "null"   # the command line's overrides reached it
+    # each trial ran in its own fresh worker process (a warm fork), not in the sweep's process
+    workers = {r.data.tags["worker.pid"] for r in trials}
+    assert len(workers) == 3 and str(os.getpid()) not in workers
 
     best = study.best_trial
     assert best.value == max(t.value for t in study.trials)   # selected on the objective (validation)

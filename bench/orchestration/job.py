@@ -91,6 +91,16 @@ def execute(cfg, out_dir: Path):
             return result
 
     run_id = tracker.start(cfg)
+    result, signum = run_in_worker(cfg, out_dir, tracker, run_id)
+    if signum:
+        raise faults.Interrupted(signum)  # the user stopped it: stop the multirun too
+    return result
+
+
+def run_in_worker(cfg, out_dir: Path, tracker, run_id: str, worker_args: tuple[str, ...] = ()):
+    """Run the open MLflow run `run_id` in a fresh worker process (bench/orchestration/launch.py) and wait for it,
+    forwarding SIGINT/SIGTERM. Returns its Result (a worker that died leaves its run FAILED, or KILLED when a
+    signal stopped it) and the signal that stopped it, if any. worker_args: more arguments for the worker's main."""
     config_path = out_dir / "config.yaml"
     config_path.write_text(OmegaConf.to_yaml(cfg))
     env = {k: v for k, v in os.environ.items() if k != VALIDATED_ENV}  # the worker trusts its config as handed
@@ -100,7 +110,7 @@ def execute(cfg, out_dir: Path):
     env.pop(HIDE_ENV, None)
     if cfg.quant.name == "none":
         env[HIDE_ENV] = "1"  # bench/core/quant_backend.py: this worker never imports bitsandbytes
-    proc = launch.start_worker(cfg, config_path, run_id, out_dir, env)
+    proc = launch.start_worker(cfg, config_path, run_id, out_dir, env, worker_args)
     with faults.forwarding_signals(proc) as caught:
         returncode = faults.wait_worker(proc, caught)
     signum = caught.get("signum") or faults.interrupted_exit(returncode)
@@ -110,8 +120,4 @@ def execute(cfg, out_dir: Path):
         tracker.end(run_id, status, reason)
         result = Result(name=run_name(cfg), status=status, run_id=run_id, error=reason)
         result.write(out_dir)
-    if signum:
-        raise faults.Interrupted(signum)  # the user stopped it: stop the multirun too
-    return result
-
-
+    return result, signum

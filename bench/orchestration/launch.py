@@ -62,9 +62,9 @@ class Forked:
         return self.process.exitcode
 
 
-def start_worker(cfg, config_path: Path, run_id: str, out_dir: Path, env: dict[str, str]):
+def start_worker(cfg, config_path: Path, run_id: str, out_dir: Path, env: dict[str, str], more_args=()):
     """Start the job's worker: a warm fork for quant=none, else a new interpreter. Returns a Popen-like handle."""
-    args = ["--config", str(config_path), "--run-id", run_id, "--out-dir", str(out_dir)]
+    args = ["--config", str(config_path), "--run-id", run_id, "--out-dir", str(out_dir), *more_args]
     if cfg.quant.name != "none":
         return subprocess.Popen([sys.executable, "-m", "bench.orchestration.worker", *args], env=env)
     warm_up()  # no-op when it runs already

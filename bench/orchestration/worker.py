@@ -113,6 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="resolved config YAML")
     p.add_argument("--run-id", required=True, help="MLflow run opened by the parent process")
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--on-eval", default=None, help="MODULE:FUNCTION(cfg, **ARGS) returning the trainer's on_eval "
+                   "callback (a sweep's pruning hook)")
+    p.add_argument("--on-eval-args", default="{}", help="ARGS for --on-eval, as JSON")
     a = p.parse_args(argv)
     die_with_parent()   # a SIGKILLed parent takes its worker along (which then ends its run KILLED)
     raise_on_signals()  # SIGTERM, like SIGINT, ends the run KILLED
@@ -121,15 +124,24 @@ def main(argv=None) -> int:
         from bench.orchestration.resume import process_tags
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
         tracker.set_tags(a.run_id, process_tags("worker"))  # this process holds the run now, too
-        run_job(cfg, Path(a.out_dir), run_id=a.run_id, tracker=tracker)
+        on_eval = _hook(a.on_eval, json.loads(a.on_eval_args), cfg) if a.on_eval else None
+        run_job(cfg, Path(a.out_dir), run_id=a.run_id, tracker=tracker, on_eval=on_eval)
     except KeyboardInterrupt as e:
         return getattr(e, "exit_code", 130)
     except Exception as e:
+        if getattr(e, "mlflow_status", None):  # an outcome the caller asked for (a pruned trial): in result.json
+            return 0
         print(f"error: {error_line(e)}")
         if not isinstance(e, BenchError):
             traceback.print_exc()
         return 1
     return 0
+
+
+def _hook(spec: str, args: dict, cfg):
+    import importlib
+    module, function = spec.split(":")
+    return getattr(importlib.import_module(module), function)(cfg, **args)
 
 
 def forked_main(argv: list[str], env: dict[str, str]) -> None:

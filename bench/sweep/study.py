@@ -10,6 +10,7 @@ pruning or choosing the best trial.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -75,16 +76,24 @@ class Pruned(optuna.TrialPruned):
         self.mlflow_tags = {"pruned": "true", "pruned_at_step": str(step)}
 
 
-def _pruning_hook(trial: optuna.Trial, sweep, last: int, progress: dict):
-    """The trainer's on_eval: reports the objective to the pruner and raises Pruned when told to; `progress`
-    keeps the last evaluated step."""
+def _pruning_hook(trial: optuna.Trial, sweep, last: int):
+    """The trainer's on_eval: reports the objective to the pruner and raises Pruned when told to; the trial's
+    `train_steps` attribute keeps the last evaluated step (a lower bound, should the run fail later)."""
     def on_eval(step: int, metrics: dict) -> None:
-        progress["step"] = step
+        trial.set_user_attr("train_steps", step)
         if sweep.metric in metrics:
             trial.report(metrics[sweep.metric], step)
             if step != last and trial.should_prune():   # a prune at the last evaluation would save nothing
                 raise Pruned(step, sweep.metric, metrics[sweep.metric])
     return on_eval
+
+
+def pruning_hook(cfg, storage: str, study: str, trial_id: int, sweep_file: str):
+    """The pruning hook in the trial's own worker process (bench/orchestration/worker.py --on-eval): the trial,
+    opened again from the shared storage, with the sweep file's pruner."""
+    sweep = sweep_spec.load(sweep_file)
+    opened = load_study(study, storage, pruner=sweep.make_pruner())
+    return _pruning_hook(optuna.trial.Trial(opened, trial_id), sweep, cfg.train.max_steps)
 
 
 def _start_run(cfg, trial: optuna.Trial, job: Job, tracker) -> str:
@@ -98,9 +107,11 @@ def _start_run(cfg, trial: optuna.Trial, job: Job, tracker) -> str:
     return run_id
 
 
-def _failed(study: optuna.Study, trial: optuna.Trial, tracker, run_id: str | None, reason: str,
-            last_step: int) -> tuple[TrialState, str]:
-    trial.set_user_attr("train_steps", last_step)   # the last evaluated step: a lower bound
+def _failed(study: optuna.Study, trial: optuna.Trial, tracker, run_id: str | None,
+            reason: str) -> tuple[TrialState, str]:
+    stored = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)   # the worker's writes
+    if "train_steps" not in stored.user_attrs:   # else the last evaluated step (the pruning hook): a lower bound
+        trial.set_user_attr("train_steps", 0)
     if run_id is not None:
         with contextlib.suppress(Exception):
             if tracker.client.get_run(run_id).info.status == "RUNNING":   # failed before run() took over
@@ -125,34 +136,41 @@ def _completed(study: optuna.Study, trial: optuna.Trial, sweep, tracker, run_id:
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, sweep, job: Job, tracker) -> tuple[TrialState, str]:
-    """One trial = one normal run (bench.orchestration.worker.run_job) with the trial's values as overrides,
-    validated here, once (a trial whose values are out of range is a FAILED child run with that one line)."""
+    """One trial = one normal run with the trial's values as overrides, validated here, once (a trial whose values
+    are out of range is a FAILED child run with that one line), then run like every job: in a fresh worker
+    process forked warm (bench/orchestration/job.py: run_in_worker), which reports to the pruner itself."""
+    from bench.orchestration.job import run_in_worker
     from bench.orchestration.validate import validate
-    from bench.orchestration.worker import run_job
 
     overrides = [f"{k}={override_value(v)}" for k, v in sweep.run_overrides(trial.params).items()]
     trial.set_user_attr("overrides", overrides)
-    progress = {"step": 0}
     run_id = None
     try:
         cfg = compose(sweep.overrides + job.cli_overrides + job.worker_overrides + overrides)
         run_id = _start_run(cfg, trial, job, tracker)
         validate(cfg)   # the trial's values (the base config was validated before the study): FAILED, with the line
         out_dir = Path(job.out_root) / job.study / f"trial-{trial.number:04d}"
-        result = run_job(cfg, out_dir, run_id=run_id, tracker=tracker,
-                         on_eval=_pruning_hook(trial, sweep, cfg.train.max_steps, progress))
-    except Pruned as p:
-        trial.set_user_attr("train_steps", p.step)
-        trial.set_user_attr("pruned_at_step", p.step)
-        study.tell(trial, state=TrialState.PRUNED)
-        return TrialState.PRUNED, str(p)
-    except KeyboardInterrupt:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "result.json").unlink(missing_ok=True)
+        hook = {"storage": job.storage, "study": job.study, "trial_id": trial._trial_id,
+                "sweep_file": str(job.sweep_file)}
+        result, signum = run_in_worker(cfg, out_dir, tracker, run_id, ("--on-eval", f"{__name__}:pruning_hook",
+                                                                       "--on-eval-args", json.dumps(hook)))
+    except Exception as e:
+        return _failed(study, trial, tracker, run_id, error_line(e))
+    if signum or result.status == "KILLED" and result.tags.get("pruned") != "true":
         # cut short by the user, not by its parameters: queue it again for the next invocation
         fail_trial(study, trial.number, trial._trial_id, "interrupted (KeyboardInterrupt); retried on resume")
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-        raise
-    except Exception as e:
-        return _failed(study, trial, tracker, run_id, error_line(e), progress["step"])
+        raise KeyboardInterrupt
+    if result.status == "KILLED":   # pruned: the worker ended its run KILLED with the step it stopped at
+        step = int(result.tags["pruned_at_step"])
+        trial.set_user_attr("train_steps", step)
+        trial.set_user_attr("pruned_at_step", step)
+        study.tell(trial, state=TrialState.PRUNED)
+        return TrialState.PRUNED, (result.error or "pruned").removeprefix("Pruned: ")
+    if result.status != "FINISHED":
+        return _failed(study, trial, tracker, run_id, result.error or result.status)
     return _completed(study, trial, sweep, tracker, run_id, result.metrics)
 
 
