@@ -1,4 +1,5 @@
-"""The metric registry (bench/core/metrics.py) against what documents it (the README) and what logs it (a real run)."""
+"""The metric registry (bench/core/metrics.yaml, loaded by bench/core/metrics.py) against what documents it (the
+README) and what logs it (a real run)."""
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,8 @@ def test_readme_metric_table_and_registry_name_the_same_metrics():
     assert not {n: r for n, r in documented.items() if len(r) > 1}, "a metric in two rows of the README table"
     undocumented = [n for n in M.REGISTRY if n not in documented]
     unregistered = [n for n in documented if n not in M.REGISTRY]
-    assert not undocumented, f"in bench/core/metrics.py but not in the README's metric table: {undocumented}"
-    assert not unregistered, f"in the README's metric table but not in bench/core/metrics.py: {unregistered}"
+    assert not undocumented, f"in bench/core/metrics.yaml but not in the README's metric table: {undocumented}"
+    assert not unregistered, f"in the README's metric table but not in bench/core/metrics.yaml: {unregistered}"
 
 
 def test_readme_sweep_objectives_are_the_registry_objectives():
@@ -79,12 +80,40 @@ def test_registry_declarations():
     constants = {v for k, v in vars(M).items() if k.isupper() and isinstance(v, str) and "/" in v
                  and k not in ("PREDICTIONS_ARTIFACT", "VAL_PREFIX", "TEST_PREFIX", "OLD_VAL_PREFIX")}
     assert constants == set(M.REGISTRY)
-    # a bad declaration is refused when bench/core/metrics.py is imported, not when a report reads it
+    # a bad declaration is refused when bench/core/metrics.py loads it, not when a report reads it
     good = M.REGISTRY[M.VAL_ACCURACY]
     for bad in ({"unit": "MB"}, {"phase": "eval"}, {"direction": "up"}, {"definition": "two\nlines"},
                 {"definition": ""}, {"name": "test/accuracy2"}):   # a validation metric outside val/*
         with pytest.raises(ValueError, match="bad declaration"):
             dataclasses.replace(good, **bad)
+
+
+def test_the_loader_reads_a_copy_of_metrics_yaml_as_the_registry(tmp_path):
+    copy = tmp_path / "metrics.yaml"
+    copy.write_text(M.DECLARATIONS.read_text())
+    declared = M.load(copy)
+    assert list(declared.values()) == list(M.REGISTRY.values())   # the same metrics, in the same order
+    assert all(getattr(M, const) == m.name for const, m in declared.items())
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("TRAIN_STEPS:\n  name: train/steps\n  unit: count\n", "TRAIN_STEPS:\n  name: train/steps\n  unit: MB\n",
+     "entry TRAIN_STEPS: bad declaration of 'train/steps': unit 'MB' is not one of"),
+    ("  cuda_only: true\n", "  cuda: true\n", "entry MEM_PEAK_TRAIN_RESERVED: unknown field 'cuda'"),
+    ("name: test/f1_macro\n", "name: test/accuracy\n",
+     "entry TEST_F1_MACRO: name 'test/accuracy' already declared by TEST_ACCURACY"),
+    ("\nTEST_LOSS:\n", "\nTEST_ACCURACY:\n", "key 'TEST_ACCURACY' twice"),
+    ("name: val/loss\n", "name: eval/loss\n",
+     "entry VAL_LOSS: bad declaration of 'eval/loss': name 'eval/loss' does not start with 'val/'"),
+], ids=["unit", "unknown-field", "duplicate-name", "duplicate-key", "validation-outside-val"])
+def test_a_bad_entry_in_metrics_yaml_is_refused_naming_the_file_and_the_entry(tmp_path, old, new, message):
+    """The loader bench/core/metrics.py runs at import, on a copy of metrics.yaml with one entry broken."""
+    text = M.DECLARATIONS.read_text()
+    assert text.count(old) >= 1, f"metrics.yaml no longer holds {old!r}: update this test"
+    bad = tmp_path / "metrics.yaml"
+    bad.write_text(text.replace(old, new, 1))
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ".*" + re.escape(message)):
+        M.load(bad)
 
 
 def test_groups_derive_from_the_registry():

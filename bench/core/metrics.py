@@ -1,19 +1,26 @@
-"""Every metric a run logs to MLflow, declared once: name, unit, phase, direction and a one-line definition.
+"""Every metric a run logs to MLflow, declared once in bench/core/metrics.yaml: name, unit, phase, direction and a
+one-line definition.
 
 The registry (`REGISTRY`, name -> `Metric`) is the public interface; the README's table *What every run records in
-MLflow* repeats its names with longer definitions (tests/test_metrics.py holds the two together). Each name is also
-a module constant (`VAL_ACCURACY == "val/accuracy"`), so that grep leads from a name to where it is measured
-(bench/core/train.py, bench/core/measure.py, bench/core/methods, bench/orchestration/worker.py) and where it is read.
-The groups other modules use (VAL_PERIODIC, TEST, HISTORY, RUN, COSTS) are derived from the registry, never listed by
-hand. Each metric is one `_declare` call assigned to its constant rather than a row of a data table, which would
-have to create the constants through globals(), out of reach of editors and type checkers.
+MLflow* repeats its names with longer definitions (tests/test_metrics.py holds the two together). The registry is
+data, so it lives in a data file: one entry per metric, keyed by the name of its module constant, read once at import
+(`load`) and checked there (an unknown field, unit, phase or direction, a duplicate key or name: ValueError naming
+metrics.yaml and the entry). Each key becomes a module constant (`VAL_ACCURACY == "val/accuracy"`), set through
+globals(), so editors and type checkers do not see the constants: grep for a constant or a name leads to
+metrics.yaml (the declaration) and to where it is measured (bench/core/train.py, bench/core/measure.py,
+bench/core/methods, bench/orchestration/worker.py) and read. The groups other modules use (VAL_PERIODIC, TEST,
+HISTORY, RUN, COSTS) are derived from the registry, never listed by hand.
 
 Protocol: selection (periodic evaluation, best step, pruning, sweep objectives) uses the validation split
 (`val/*`); the test split is scored once, at the end of a run (`test/*`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+import yaml
 
 UNITS = ("", "bytes", "s", "count", "step", "tokens", "%", "tokens/s", "samples/s")   # "": a plain number
 # validation / test: scores on that split; train: the training loop's own figures; run: what the run cost
@@ -22,6 +29,12 @@ PHASES = ("validation", "test", "train", "run")
 DIRECTIONS = ("max", "min", None)   # which way is better; None: neither (a step, a count, a reference size)
 VAL_PREFIX, TEST_PREFIX = "val/", "test/"   # the names of the validation and the test scores
 OLD_VAL_PREFIX = "eval/"   # the validation scores' names before the validation/test protocol (run key version 2)
+
+# per-example predictions of the one test evaluation: a Parquet artifact of every finished run, columns
+# `index` (the example's row in the task's whole test split), `label` and `prediction` (class ids)
+PREDICTIONS_ARTIFACT = "predictions/test.parquet"
+
+DECLARATIONS = Path(__file__).with_name("metrics.yaml")
 
 
 @dataclass(frozen=True)
@@ -37,123 +50,87 @@ class Metric:
 
     def __post_init__(self):
         prefix = {"validation": VAL_PREFIX, "test": TEST_PREFIX}.get(self.phase)
-        if (self.unit not in UNITS or self.phase not in PHASES or self.direction not in DIRECTIONS
-                or "\n" in self.definition or not self.definition or (prefix and not self.name.startswith(prefix))):
-            raise ValueError(f"bench/core/metrics.py: bad declaration {self}")
+        problems = []
+        if not isinstance(self.name, str) or not self.name:
+            problems.append(f"name {self.name!r} is not a non-empty string")
+        elif prefix and not self.name.startswith(prefix):
+            problems.append(f"name {self.name!r} does not start with {prefix!r} (phase {self.phase})")
+        for field, allowed in (("unit", UNITS), ("phase", PHASES), ("direction", DIRECTIONS)):
+            if getattr(self, field) not in allowed:
+                problems.append(f"{field} {getattr(self, field)!r} is not one of {allowed}")
+        if not isinstance(self.definition, str) or not self.definition or "\n" in self.definition:
+            problems.append(f"definition {self.definition!r} is not one non-empty line")
+        for flag in ("history", "final", "cuda_only"):
+            if not isinstance(getattr(self, flag), bool):
+                problems.append(f"{flag} {getattr(self, flag)!r} is not true or false")
+        if problems:
+            raise ValueError(f"bad declaration of {self.name!r}: {'; '.join(problems)}")
 
 
-REGISTRY: dict[str, Metric] = {}
+_FIELDS = {f.name: f.default is MISSING for f in fields(Metric)}   # field -> required
 
 
-def _declare(name: str, unit: str, phase: str, direction: str | None, definition: str, **flags) -> str:
-    if name in REGISTRY:
-        raise ValueError(f"bench/core/metrics.py: {name} declared twice")
-    REGISTRY[name] = Metric(name, unit, phase, direction, definition, **flags)
-    return name
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key twice in one mapping is an error (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
-# periodic evaluation on the validation split (bench/core/train.py: fit, evaluate)
-VAL_ACCURACY = _declare(
-    "val/accuracy", "", "validation", "max", "fraction of validation examples whose argmax prediction is the label "
-    "(scikit-learn), at each periodic evaluation (train.eval_every and the last step); final: the last one's",
-    history=True)
-VAL_F1_MACRO = _declare(
-    "val/f1_macro", "", "validation", "max", "macro-F1 over all the task's classes (scikit-learn, zero_division=0) "
-    "on the validation split, at each periodic evaluation; final: the last one's", history=True)
-VAL_LOSS = _declare(
-    "val/loss", "", "validation", "min", "mean cross-entropy per validation example, at each periodic evaluation; "
-    "final: the last one's", history=True)
-VAL_BEST_ACCURACY = _declare(
-    "val/best_accuracy", "", "validation", "max", "the highest val/accuracy over the periodic evaluations")
-VAL_BEST_STEP = _declare(
-    "val/best_step", "step", "validation", None, "the step val/best_accuracy was reached at (the earliest on ties)")
+def load(path: Path = DECLARATIONS) -> dict[str, Metric]:
+    """The declarations in path, in file order: module constant name -> Metric. ValueError naming the file and the
+    entry on anything off: not YAML, a key twice, a key that is not a constant name (UPPER_CASE), an unknown or
+    missing field, a value Metric refuses, a metric name declared twice."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data = yaml.load(stream, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not a valid declaration file: {e}") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected a mapping of constant names to metric entries")
+    declared: dict[str, Metric] = {}
+    by_name: dict[str, str] = {}
+    for const, entry in data.items():
+        where = f"{path}: entry {const}"
+        if not isinstance(const, str) or not re.fullmatch(r"[A-Z][A-Z0-9_]*", const):
+            raise ValueError(f"{where}: the key must be a module constant name (UPPER_CASE)")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a mapping of fields, got {entry!r}")
+        problems = [*(f"unknown field {f!r}" for f in entry if f not in _FIELDS),
+                    *(f"missing field {f!r}" for f, required in _FIELDS.items() if required and f not in entry)]
+        if problems:
+            raise ValueError(f"{where}: {'; '.join(problems)} (the fields: {', '.join(_FIELDS)})")
+        try:
+            metric = Metric(**entry)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if metric.name in by_name:
+            raise ValueError(f"{where}: name {metric.name!r} already declared by {by_name[metric.name]}")
+        by_name[metric.name] = const
+        declared[const] = metric
+    return declared
 
-# the one test evaluation of the final (selected) weights (bench/orchestration/worker.py, via bench/core/train.py: evaluate)
-TEST_ACCURACY = _declare(
-    "test/accuracy", "", "test", "max", "fraction of test examples whose argmax prediction is the label "
-    "(scikit-learn), scored once after training on the weights train.select chose")
-TEST_F1_MACRO = _declare(
-    "test/f1_macro", "", "test", "max", "macro-F1 over all the task's classes (scikit-learn, zero_division=0) on "
-    "the test split, scored once after training on the weights train.select chose")
-TEST_LOSS = _declare(
-    "test/loss", "", "test", "min", "mean cross-entropy per test example, scored once after training on the "
-    "weights train.select chose")
 
-# the training loop (bench/core/train.py: fit)
-TRAIN_LOSS = _declare(
-    "train/loss", "", "train", "min", "mean training loss over the last train.log_every steps (the last window "
-    "may be shorter)", history=True)
-TRAIN_LR = _declare(
-    "train/lr", "", "train", None, "the learning rate the scheduler set after the step (linear warmup, then "
-    "linear decay), every train.log_every steps", history=True, final=False)
-TRAIN_STEPS = _declare(
-    "train/steps", "count", "train", None, "optimizer steps trained: train.max_steps, else train.epochs × "
-    "batches per epoch")
-TRAIN_TOKENS = _declare(
-    "train/tokens", "tokens", "train", None, "real (non-padding) input tokens in all training batches "
-    "(the sum of their attention masks)")
-TRAIN_SELECTED_STEP = _declare(
-    "train/selected_step", "step", "train", None, "the step whose weights were tested and saved: the last step "
-    "(train.select=last) or val/best_step (best)")
+def _register(declared: dict[str, Metric]) -> dict[str, Metric]:
+    """Each declaration as a module constant (its name); the registry, name -> Metric, in declaration order."""
+    _refuse_shadowing([c for c in declared if c in globals()])
+    globals().update({const: m.name for const, m in declared.items()})
+    return {m.name: m for m in declared.values()}
 
-# memory (bench/core/measure.py; read in bench/core/train.py and bench/orchestration/worker.py)
-MEM_PEAK_TRAIN = _declare(
-    "mem/peak_train_bytes", "bytes", "run", "min", "peak during training steps of CUDA allocated memory, or on CPU "
-    "of the whole process's resident set (VmHWM), reset at the start of every training segment")
-MEM_PEAK_EVAL = _declare(
-    "mem/peak_eval_bytes", "bytes", "run", "min", "peak during evaluations (validation and test) of CUDA allocated "
-    "memory, or on CPU of the whole process's resident set (VmHWM), reset at the start of every evaluation")
-MEM_PEAK_TRAIN_RESERVED = _declare(
-    "mem/peak_train_reserved_bytes", "bytes", "run", "min", "peak of torch.cuda.memory_reserved() during training "
-    "steps (cached blocks released before each segment)", cuda_only=True)
-MEM_PEAK_EVAL_RESERVED = _declare(
-    "mem/peak_eval_reserved_bytes", "bytes", "run", "min", "peak of torch.cuda.memory_reserved() during "
-    "evaluations (cached blocks released before each segment)", cuda_only=True)
-MEM_TRAIN_GROWTH = _declare(
-    "mem/train_growth_bytes", "bytes", "run", "min", "mem/peak_train_bytes minus the memory in use right before "
-    "the first step, model and data loaded (CPU: resident set; CUDA: allocated)")
-MEM_WEIGHTS = _declare(
-    "mem/weights_bytes", "bytes", "run", "min", "bytes of the trained model's parameters and buffers as stored "
-    "(4-bit weights packed), each storage counted once")
-MEM_GRAD = _declare(
-    "mem/grad_bytes", "bytes", "run", "min", "bytes of one gradient per trainable parameter: trainable parameters "
-    "× their element size")
-MEM_OPTIMIZER = _declare(
-    "mem/optimizer_bytes", "bytes", "run", "min", "bytes of every tensor in the optimizer's state after its first "
-    "step (AdamW: two moments per trainable parameter and a step counter per parameter tensor)")
 
-# time (bench/core/measure.py: Meter; bench/orchestration/worker.py)
-TIME_TRAIN = _declare(
-    "time/train_s", "s", "run", "min", "wall-clock seconds of training steps only (batch preparation, forward, "
-    "backward, optimizer step); evaluation and store I/O excluded; CUDA synchronized")
-TIME_EVAL = _declare(
-    "time/eval_s", "s", "run", "min", "wall-clock seconds of all evaluations: the periodic validation ones and the "
-    "one test evaluation")
-TIME_TOTAL = _declare(
-    "time/total_s", "s", "run", "min", "wall-clock seconds from the start of the run (before data and model load) "
-    "to the saved checkpoint")
+def _refuse_shadowing(constants: list[str]) -> None:
+    if constants:
+        raise ValueError(f"{DECLARATIONS}: entries {constants}: a name bench/core/metrics.py defines itself")
 
-# checkpoint (bench/core/methods/__init__.py: save)
-CKPT_BYTES = _declare(
-    "ckpt/bytes", "bytes", "run", "min", "bytes on disk of the checkpoint's weight files and the config that "
-    "reloads them (*.safetensors, *config.json), nothing else")
 
-# parameters (bench/core/methods/__init__.py: count_parameters)
-PARAMS_TRAINABLE = _declare(
-    "params/trainable", "count", "run", "min", "parameters with requires_grad during training (4-bit weights "
-    "counted unpacked; peft's frozen copy of the head left out)")
-PARAMS_TOTAL = _declare(
-    "params/total", "count", "run", None, "all parameters of the model as trained: backbone, head and added "
-    "weights (4-bit weights counted unpacked; peft's frozen copy of the head left out)")
-PARAMS_TRAINABLE_PCT = _declare(
-    "params/trainable_pct", "%", "run", "min", "100 × params/trainable / params/total")
-
-# throughput (bench/core/train.py: fit)
-THROUGHPUT_TOKENS = _declare(
-    "throughput/train_tokens_per_s", "tokens/s", "run", "max", "train/tokens / time/train_s")
-THROUGHPUT_SAMPLES = _declare(
-    "throughput/train_samples_per_s", "samples/s", "run", "max", "training examples in all training batches / "
-    "time/train_s")
+_DECLARED = load()
+REGISTRY: dict[str, Metric] = _register(_DECLARED)
 
 
 def names(**where) -> tuple[str, ...]:
@@ -174,6 +151,5 @@ RUN = names(final=True, cuda_only=False)
 # costs a sweep may minimize: measured on the run itself, not on held-out data, on every device
 COSTS = names(phase="run", direction="min", cuda_only=False)
 
-# per-example predictions of the one test evaluation: a Parquet artifact of every finished run, columns
-# `index` (the example's row in the task's whole test split), `label` and `prediction` (class ids)
-PREDICTIONS_ARTIFACT = "predictions/test.parquet"
+# nor a name defined after the registry (a group would replace the constant)
+_refuse_shadowing([c for c, m in _DECLARED.items() if globals()[c] is not m.name])
