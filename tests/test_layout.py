@@ -55,3 +55,15 @@ def test_bench_subcommands_hand_over_to_the_command(monkeypatch):
     with pytest.raises(SystemExit) as e:
         entry.main(["report", "--out", "x.md"])
     assert e.value.code == 3 and seen == [["--out", "x.md"]]
+
+
+def test_bench_script_entry_composes_from_any_folder(tmp_path):
+    """The `bench` script imports bench.__main__ as a module (not as __main__) and runs cli(): the config tree is
+    found all the same, and cli() keeps main()'s exit codes (0 here; 2 for a bad flag)."""
+    import subprocess
+    import sys
+    entry = [sys.executable, "-c", "import sys; from bench.__main__ import cli; sys.argv[0] = 'bench'; cli()"]
+    ok = subprocess.run([*entry, "method=ia3", "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True)
+    assert ok.returncode == 0 and "name: ia3" in ok.stdout, ok.stderr
+    bad = subprocess.run([*entry, "--bogus"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unrecognized arguments: --bogus")

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from bench.orchestration import faults, resume
 from bench.orchestration.job import execute
-from bench.orchestration.worker import Result
+from bench.orchestration.result import Result
 from bench.orchestration.summary import report
 from bench.tracking import Tracker, flatten, without_secrets
 from tests.conftest import ROOT, compose

@@ -21,7 +21,7 @@ from bench.errors import BenchError
 from bench.fmt import error_line
 from bench.orchestration import faults, launch, resume
 from bench.orchestration.validate import VALIDATED_ENV, validate, was_validated
-from bench.orchestration.worker import Result, run_job
+from bench.orchestration.result import Result
 from bench.tracking import Tracker, run_name
 
 def _parallel_workers() -> int | None:
@@ -82,6 +82,7 @@ def execute(cfg, out_dir: Path):
             return skipped
 
     if not cfg.train.isolate:
+        from bench.orchestration.worker import run_job  # the worker's stack, imported only for in-process runs
         faults.raise_on_signals()  # SIGTERM ends this in-process run KILLED, like Ctrl-C
         try:
             return run_job(cfg, out_dir, tracker=tracker)

@@ -23,24 +23,38 @@ from pathlib import Path
 
 from bench.core.quant_backend import HIDE_ENV
 
-PRELOAD = ["bench.orchestration.worker", "bench.core.pipeline", "bench.tracking", "peft", "datasets",
+PRELOAD = ["bench.orchestration.launch", "bench.orchestration.worker", "bench.core.pipeline", "bench.tracking", "peft", "datasets",
            "sklearn.metrics", "transformers.models.auto.modeling_auto"]
 _CONTEXT = multiprocessing.get_context("forkserver")
+TEMPLATE_ENV = "BENCH_TEMPLATE"   # set in the template process's environment only
+
+
+def _template_exits_at_once() -> None:
+    """In the template only: when its parent is gone it exits without tearing down torch & co. (seconds), which
+    would keep the command's stdout and stderr open that long. Its children end with os._exit anyway."""
+    import atexit
+    if os.environ.get(TEMPLATE_ENV) == "1":
+        atexit.register(os._exit, 0)
+
+
+_template_exits_at_once()
 
 
 def warm_up() -> None:
     """Start the template process now (in the background: this returns before its imports are done)."""
     from multiprocessing import forkserver
     _CONTEXT.set_forkserver_preload(PRELOAD)
-    before = os.environ.get(HIDE_ENV)
+    before = {k: os.environ.get(k) for k in (HIDE_ENV, TEMPLATE_ENV)}
     os.environ[HIDE_ENV] = "1"   # the template (and so every warm child) never imports bitsandbytes
+    os.environ[TEMPLATE_ENV] = "1"
     try:
         forkserver.ensure_running()
     finally:
-        if before is None:
-            os.environ.pop(HIDE_ENV, None)
-        else:
-            os.environ[HIDE_ENV] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class Forked:
@@ -68,10 +82,15 @@ def start_worker(cfg, config_path: Path, run_id: str, out_dir: Path, env: dict[s
     if cfg.quant.name != "none":
         return subprocess.Popen([sys.executable, "-m", "bench.orchestration.worker", *args], env=env)
     warm_up()  # no-op when it runs already
-    from bench.orchestration.worker import forked_main
-    process = _CONTEXT.Process(target=forked_main, args=(args, env), name="bench-worker")
+    process = _CONTEXT.Process(target=_forked_main, args=(args, env), name="bench-worker")
     process.start()
     return Forked(process)
+
+
+def _forked_main(argv: list[str], env: dict[str, str]) -> None:
+    """In the forked child: the worker (already imported by the template); the parent never imports it."""
+    from bench.orchestration.worker import forked_main
+    forked_main(argv, env)
 
 
 def is_worker(proc) -> bool:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from bench.core import metrics as M
 from bench.fmt import human_bytes
-from bench.orchestration.worker import Result
+from bench.orchestration.result import Result
 
 
 def table(results: list[Result]) -> Table:

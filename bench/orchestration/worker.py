@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,35 +22,10 @@ from bench.core import metrics as M
 from bench.core import pipeline
 from bench.core.quant_backend import HIDE_ENV
 from bench.errors import BenchError
-from bench.files import atomic_path
 from bench.fmt import error_line
 from bench.orchestration.faults import die_with_parent, is_out_of_memory, raise_on_signals
+from bench.orchestration.result import Result
 from bench.tracking import Tracker, provenance, run_name
-
-
-@dataclass
-class Result:
-    """What a run produced; `metrics` keys are the exact MLflow metric names (README: Metrics)."""
-    name: str
-    status: str                                   # FINISHED | FAILED | KILLED
-    run_id: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    error: str | None = None
-    skipped: bool = False                         # not run again: a FINISHED run with the same run key existed
-
-    def write(self, out_dir: Path) -> Path:
-        """result.json, written atomically (temp file, then rename)."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "result.json"
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        return path
-
-    @classmethod
-    def read(cls, out_dir: Path) -> "Result | None":
-        path = Path(out_dir) / "result.json"
-        return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
 def run_job(cfg, out_dir: Path, *, run_id: str | None = None, tracker: Tracker | None = None,
