@@ -23,8 +23,9 @@ from pathlib import Path
 
 from bench.core.quant_backend import HIDE_ENV
 
-PRELOAD = ["bench.orchestration.launch", "bench.orchestration.worker", "bench.core.pipeline", "bench.tracking", "peft", "datasets",
-           "sklearn.metrics", "transformers.models.auto.modeling_auto"]
+PRELOAD = ["bench.orchestration.launch", "bench.orchestration.worker", "bench.core.pipeline", "bench.tracking", "peft",
+           "datasets", "sklearn.metrics", "transformers.models.auto.modeling_auto",
+           "mlflow.store.tracking.sqlalchemy_store"]   # the store MlflowClient opens lazily (~1 s)
 _CONTEXT = multiprocessing.get_context("forkserver")
 TEMPLATE_ENV = "BENCH_TEMPLATE"   # set in the template process's environment only
 
