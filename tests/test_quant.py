@@ -116,7 +116,7 @@ def test_importing_the_harness_keeps_the_bitsandbytes_kernel_warning_off_stderr(
     """The real import (through peft); meaningful on AVX512-BF16 CPUs, where bitsandbytes logs the warning."""
     pytest.importorskip("bitsandbytes")
     proc = _python("import json, importlib.util, bench.orchestration.worker, bitsandbytes.functional as F\n"
-                   "from bench import quant_backend as q\n"
+                   "from bench.core import quant_backend as q\n"
                    "print(json.dumps([bool(F.has_avx512bf16()), importlib.util.find_spec('kernels') is None,"
                    " q.cpu_note('nf4', 'cpu')]))")
     assert proc.returncode == 0, proc.stderr
