@@ -177,3 +177,23 @@ def test_quantized_lora_trains_evaluates_and_trains_again_on_cpu_minilm(quant, l
     assert type(base.classifier).__name__ == "Linear"  # the head is kept out of quantization
     model = PeftModel.from_pretrained(base, tmp_path / "job" / "ckpt")
     assert any(type(m).__name__ == layer for m in model.modules())
+
+
+@pytest.mark.slow
+def test_quantized_job_runs_in_a_new_interpreter_with_bitsandbytes_minilm(tmp_path):
+    """The warm template hides bitsandbytes, so `python -m bench quant=int8` starts the job's worker as a new
+    interpreter (python -m bench.orchestration.worker), where bitsandbytes loads and the run finishes (in a fork of
+    the template, where bitsandbytes counts as not installed, int8 weights could not load)."""
+    pytest.importorskip("bitsandbytes")
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "bench", "method=lora", "quant=int8", "train.max_steps=2",
+                           "train.eval_every=null", "task.max_train_samples=32", "task.max_eval_samples=16",
+                           "task.max_test_samples=16", "device=cpu", f"tracking.uri={uri}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_experiment_by_name("peft-bench").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["quant"] == "int8"
+    assert run.data.tags["worker.pid"] != run.data.tags["owner.pid"]   # not the parent: its own process
+    assert run.data.metrics["params/trainable"] > 0
