@@ -247,7 +247,7 @@ def test_two_workers_share_one_study(sweep_args, tmp_path):
      "method.r is set by the sweep"),
     ({"search_space": {"method.r": {"type": "categorical", "choices": [2]}}, "colour": 1}, [], "unknown key"),
     ({"search_space": {"method.r": {"type": "categorical", "choices": [2]}},
-      "sampler": {"type": "TPESampler", "n_start": 3}}, [], "sampler: TPESampler(n_start=3) rejected"),
+      "sampler": {"type": "TPESampler", "n_start": 3}}, [], "sampler: TPESampler(n_start=3, multivariate=True, constant_liar=True) rejected"),
 ])
 def test_bad_sweep_input_is_one_line_and_exit_2(doc, args, message, sweep_args, tmp_path, capsys):
     path = write_sweep(tmp_path, "bad", **doc)
@@ -399,3 +399,21 @@ def test_one_study_summary_for_the_sweep_and_the_report(tmp_path):
     pngs = [plots.objective_plot(s, "method.r", None, tmp_path / f"{name}.png")
             for name, s in (("optuna", from_optuna), ("mlflow", from_mlflow))]
     assert pngs[0].read_bytes() == pngs[1].read_bytes()   # the same trials draw the same plot, whichever the source
+
+
+def test_tpe_settings_optuna_5_changed_are_named(tmp_path):
+    """Optuna 5 made TPE multivariate with constant liar by default; a sweep names both, so a study samples the same
+    under Optuna 4 and 5: shipped files say them, and a file that leaves them (or the sampler) out gets them."""
+    for path in sorted((ROOT / "sweeps").glob("*.yaml")):
+        sampler = yaml.safe_load(path.read_text())["sampler"]
+        if sampler["type"] == "TPESampler":
+            assert sampler["multivariate"] is True and sampler["constant_liar"] is True, path
+    doc = {"trials": 1, "search_space": {"method.r": {"type": "categorical", "choices": [2]}}}
+    for extra in ({}, {"sampler": {"type": "TPESampler", "seed": 3}},
+                  {"sampler": {"type": "TPESampler", "constant_liar": False}}):
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump({**doc, **extra}))
+        sampler = spec.load(path).make_sampler()
+        assert isinstance(sampler, optuna.samplers.TPESampler)
+        assert sampler._multivariate is True   # Optuna has no public getter for these
+        assert sampler._constant_liar is (extra.get("sampler", {}).get("constant_liar", True))

@@ -32,6 +32,9 @@ from bench.core import metrics as M
 from bench.errors import BenchError
 from bench.fmt import error_line
 
+# Optuna 5 changed TPE's defaults (multivariate, with constant liar); a sweep names them, so that a study samples the
+# same under Optuna 4 and 5 (pyproject allows both): a file that leaves them out gets these
+PINNED = {"TPESampler": {"multivariate": True, "constant_liar": True}}
 KEYS = ("study", "overrides", "objective", "trials", "search_space", "derived", "sampler", "pruner", "plot")
 PARAM_TYPES = ("categorical", "int", "float")
 DIRECTIONS = ("maximize", "minimize")
@@ -221,7 +224,9 @@ def _objective(path: Path, doc: dict) -> tuple[str, str]:
 
 
 def _sampler_pruner(path: Path, doc: dict, space: dict, metric: str) -> tuple[dict, dict | None]:
-    sampler, pruner = doc.get("sampler") or {"type": "TPESampler"}, doc.get("pruner")
+    sampler, pruner = dict(doc.get("sampler") or {"type": "TPESampler"}), doc.get("pruner")
+    for key, value in PINNED.get(sampler.get("type"), {}).items():
+        sampler.setdefault(key, value)
     valid = _classes(optuna.samplers, optuna.samplers.BaseSampler)
     if not isinstance(sampler, dict) or sampler.get("type") not in valid:
         raise BenchError(f"{path}: sampler.type: {sampler!r}; valid: {', '.join(valid)}")
