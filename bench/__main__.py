@@ -95,6 +95,11 @@ def _subcommand(argv: list[str]) -> None:
     raise SystemExit(module.main(argv[1:]))
 
 
+def _other_launcher(argv: list[str]) -> bool:
+    """Jobs run in a launcher's own processes (joblib), each of which starts its own template when it needs one."""
+    return any(a.lstrip("+").startswith("hydra/launcher=") for a in argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m bench` / `bench`: argv defaults to the command line's arguments."""
     argv = sys.argv[1:] if argv is None else argv
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [sys.argv[0], *argv]
     faults.raise_on_signals(stop_workers=True)
     try:
-        if not any(f in HYDRA_FLAGS_WITHOUT_JOBS for f in argv):
+        if not any(f in HYDRA_FLAGS_WITHOUT_JOBS for f in argv) and not _other_launcher(argv):
             from bench.orchestration import launch
             launch.warm_up()  # the workers' template imports while the pre-check runs
         code = _preflight(argv)

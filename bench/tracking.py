@@ -244,7 +244,7 @@ class RunLog:
         self.tracker, self.run_id = tracker, run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self.tracker.log_points(self.run_id, [(step, metrics)])
+        self.tracker.log_metrics(self.run_id, metrics, step)
 
     def log_points(self, points: list[tuple[int, dict[str, float]]]) -> None:
         self.tracker.log_points(self.run_id, points)

@@ -1,6 +1,6 @@
 """Signals, dead workers and out-of-memory: how a fault becomes a run status instead of a mess.
 
-- SIGINT / SIGTERM raise `Interrupted` (a KeyboardInterrupt, so bench.orchestration.worker.run ends the run KILLED); the
+- SIGINT / SIGTERM raise `Interrupted` (a KeyboardInterrupt, so bench.orchestration.worker.run_job ends the run KILLED); the
   parent forwards them to its worker process and stops the multirun once the worker has closed its run.
 - A worker process that dies without writing its result (SIGKILL, often the OS out-of-memory killer) fails
   its run, not the multirun.

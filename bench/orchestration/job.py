@@ -1,7 +1,7 @@
 """A job, in the process that owns the command: resume, skip, then one fresh worker process per run.
 
-`execute(cfg, out_dir)` is what Hydra calls for every job of `python -m bench` (and sweeps, per trial, call the
-worker's `run_job` directly). Each job:
+`execute(cfg, out_dir)` is what Hydra calls for every job of `python -m bench` (sweeps call `run_in_worker` per
+trial). Each job:
 - closes runs of its experiment that dead processes left RUNNING (bench/orchestration/resume.py),
 - is skipped when a FINISHED run with the same run key exists (`--rerun` / `rerun=true` runs it anyway),
 - runs in a fresh worker process (`train.isolate=true`, the default), so that peak-memory figures and crashes
@@ -23,6 +23,7 @@ from bench.orchestration import faults, launch, resume
 from bench.orchestration.validate import VALIDATED_ENV, validate, was_validated
 from bench.orchestration.result import Result
 from bench.tracking import Tracker, run_name
+
 
 def _parallel_workers() -> int | None:
     """Number of jobs the joblib launcher runs at once, or None under another launcher."""

@@ -173,8 +173,9 @@ def _finish(a, study, sweep, job: Job, tracker, status: str, code: int) -> int:
 def main(argv=None) -> int:
     a = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # the sweep prints its own line per trial
-    from bench.orchestration import launch
-    launch.warm_up()   # the trials' template process imports while the sweep is checked
+    if a.workers == 1:   # this process runs the trials: its template imports while the sweep is checked
+        from bench.orchestration import launch
+        launch.warm_up()
     try:
         sweep, base = _checked_sweep(a)
         job, tracker, study, created = _open(a, sweep, base)

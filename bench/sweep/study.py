@@ -230,6 +230,8 @@ def work(job: Job) -> int:
 
 def worker_entry(job: Job) -> int:
     """multiprocessing target for --workers N; the exit code says how the worker ended."""
+    from bench.orchestration import launch
+    launch.warm_up()   # this worker's own template (its trials fork from it) imports while the worker starts
     try:
         code = work(job)
     except KeyboardInterrupt:
