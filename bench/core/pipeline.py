@@ -16,7 +16,8 @@ from typing import Protocol
 
 import torch
 
-from bench.core import methods, models, tasks, train
+from bench.core import forgetting as forgetting_module
+from bench.core import generation, methods, models, tasks, train
 from bench.core import metrics as M
 from bench.core.measure import Meter, grad_bytes, weights_bytes
 from bench.errors import BenchError
@@ -38,6 +39,33 @@ class Parts:
     validation: object
     test: object
     device: torch.device
+    family: str = "encoder"              # the backbone's family (bench/core/models.py: family)
+    forget_base: object = None           # what the base model gave on the forgetting sample (build(forgetting=True))
+    cfg: object = None
+
+    @property
+    def generative(self) -> bool:
+        return self.data.kind == "generation"
+
+    def evaluate(self, model, ds, split: str):
+        """(scores named val/* or test/*, per-example frame) of `model` on a tokenized split."""
+        t = self.cfg.train
+        if self.generative:
+            return generation.evaluate(model, ds, self.tokenizer, family=self.family, scorer=self.cfg.task.scorer,
+                                       answers=self.data.label_names, batch_size=t.eval_batch_size,
+                                       max_new_tokens=self.cfg.task.max_new_tokens, device=self.device, split=split,
+                                       collate_fn=self.collate)
+        return train.evaluate(model, ds, self.tokenizer, t.eval_batch_size, self.data.num_labels, self.device,
+                              split=split)
+
+    @property
+    def collate(self):
+        return generation.collate(self.tokenizer) if self.generative else None
+
+    @property
+    def select(self) -> str:
+        """The validation score selection reads: val/accuracy, or val/chrf for chrf_bleu tasks."""
+        return generation.SELECT[self.cfg.task.scorer] if self.generative else M.VAL_ACCURACY
 
 
 @dataclass
@@ -57,17 +85,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build(cfg, device: torch.device | None = None) -> Parts:
-    """The run's data, tokenizer and model under its method, seeded so that only the method differs."""
+def build(cfg, device: torch.device | None = None, *, forgetting: bool = False) -> Parts:
+    """The run's data, tokenizer and model under its method, seeded so that only the method differs. With
+    forgetting, the base model's figures on the forgetting sample are taken before the method is added."""
     device = device or pick_device(cfg.device)
     seed = int(cfg.seed)
     data = tasks.load(cfg.task, seed)
     _seed(seed)  # the new head's init depends on the seed only, not on the method
-    model, tokenizer = models.load(cfg.model, cfg.quant, data.num_labels, device)
+    model, tokenizer = models.load(cfg.model, cfg.quant, data.num_labels, device, data.kind)
+    family = models.family(model.config)
+    base = forgetting_module.before(model, tokenizer, data.kind, family, device) if forgetting else None
     _seed(seed)  # set again right before the method is built, so the seed reaches adapter initialization
-    model = methods.apply(model, cfg.method, cfg.model)
-    train_ds, val_ds, test_ds = tasks.tokenize(data, tokenizer, cfg.train.max_length)
-    return Parts(data, tokenizer, model, train_ds, val_ds, test_ds, device)
+    model = methods.apply(model, cfg.method, cfg.model, methods.task_type(data.kind, family))
+    gen = data.kind == "generation"
+    train_ds, val_ds, test_ds = tasks.tokenize(data, tokenizer, cfg.train.max_length, family=family,
+                                               template=cfg.task.template if gen else "alpaca",
+                                               max_new_tokens=cfg.task.max_new_tokens if gen else 0)
+    return Parts(data, tokenizer, model, train_ds, val_ds, test_ds, device, family, base, cfg)
 
 
 def run(cfg, out_dir: Path, device: torch.device, log: Log, *, on_eval=None) -> Outcome:
@@ -75,19 +109,21 @@ def run(cfg, out_dir: Path, device: torch.device, log: Log, *, on_eval=None) -> 
     started = time.perf_counter()  # time/total_s: wall-clock from here (before data and model load) to saved ckpt
     out_dir = Path(out_dir)
     meter = Meter(device)
-    parts = build(cfg, device)
+    parts = build(cfg, device, forgetting=bool(cfg.get("forgetting", True)))
     model = parts.model
     trainable, total = methods.count_parameters(model)
     log.log_metrics({M.PARAMS_TRAINABLE: trainable, M.PARAMS_TOTAL: total})  # a run that fails later has them too
 
     metrics = train.fit(model, parts.train, parts.validation, parts.tokenizer, cfg.train, seed=int(cfg.seed),
                         num_labels=parts.data.num_labels, device=device, meter=meter, on_eval=on_eval,
-                        log=log.log_points)
+                        log=log.log_points, evaluate_fn=parts.evaluate, collate=parts.collate, select=parts.select)
     # the one test evaluation: the final (train.select) weights on the test split, after all selection
     meter.start("eval")
-    test, predictions = train.evaluate(model, parts.test, parts.tokenizer, cfg.train.eval_batch_size,
-                                       parts.data.num_labels, device, split="test")
+    test, predictions = parts.evaluate(model, parts.test, "test")
     meter.stop("eval")
+    if parts.forget_base is not None:  # forget/*: bench/core/forgetting.py (outside the train and eval clocks)
+        metrics.update(forgetting_module.metrics(parts.forget_base, model, parts.tokenizer, parts.data.kind,
+                                                 parts.family, device))
     ckpt_bytes = methods.save(model, cfg.method, out_dir / "ckpt")
     metrics.update(test)
     metrics.update({
@@ -112,7 +148,8 @@ def run(cfg, out_dir: Path, device: torch.device, log: Log, *, on_eval=None) -> 
 
 
 def write_predictions(predictions, out_dir: Path) -> Path:
-    """The test predictions (index, label, prediction) as out_dir/predictions/test.parquet, written atomically."""
+    """The test predictions as out_dir/predictions/test.parquet, written atomically: classification: index, label,
+    prediction; generation: index, reference, generation, score (+ label, prediction for label_match)."""
     path = Path(out_dir) / M.PREDICTIONS_ARTIFACT
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

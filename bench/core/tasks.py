@@ -22,16 +22,21 @@ from bench.errors import BenchError
 VALIDATION_SHARE, VALIDATION_MAX = 0.10, 500   # task.validation_size=null: 10 % of train, at most 500 examples
 
 
+KINDS = ("classification", "generation")   # task.kind: a label per text, or an output text per instruction
+
+
 @dataclass
 class TaskData:
-    train: Dataset          # columns: text (str), label (int)
-    validation: Dataset     # columns: text, label, index (row in the validation split before subsampling)
-    test: Dataset           # columns: text, label, index (row in the whole test split: the key of predictions)
-    label_names: list[str]  # label i means label_names[i]
+    train: Dataset          # classification: text (str), label (int); generation: instruction, input, output (str)
+    validation: Dataset     # the same + index (row in the validation split before subsampling)
+    test: Dataset           # the same + index (row in the whole test split: the key of predictions)
+    label_names: list[str] | None  # classification: label i means label_names[i]; generation: the answers
+                                   # label_match accepts (the label words), None for free text
+    kind: str = "classification"
 
     @property
     def num_labels(self) -> int:
-        return len(self.label_names)
+        return len(self.label_names or ())
 
 
 def _frames(train: pd.DataFrame, test: pd.DataFrame) -> DatasetDict:
@@ -41,11 +46,13 @@ def _frames(train: pd.DataFrame, test: pd.DataFrame) -> DatasetDict:
 
 def hold_out(ds: Dataset, size, label_column: str, seed: int) -> tuple[Dataset, Dataset]:
     """(rest, held out): a stratified split of `size` examples (a count, or a fraction in (0, 1)), seeded.
-    Stratified by label (scikit-learn); plain random when a class is too rare to stratify."""
+    Stratified by label (scikit-learn); plain random when a class is too rare to stratify or label_column is None."""
     from sklearn.model_selection import train_test_split
-    labels = [str(v) for v in ds[label_column]]
     rows = list(range(len(ds)))
     try:
+        if label_column is None:
+            raise ValueError("nothing to stratify by")
+        labels = [str(v) for v in ds[label_column]]
         rest, held = train_test_split(rows, test_size=size, random_state=seed, stratify=labels)
     except ValueError:  # a class with a single example, or fewer held-out examples than classes
         rest, held = train_test_split(rows, test_size=size, random_state=seed)
@@ -126,8 +133,20 @@ def load_hf(cfg) -> DatasetDict:
     return DatasetDict(out)
 
 
+def load_tatoeba(cfg) -> DatasetDict:
+    """Tatoeba sentence pairs (tab-separated: source, target, attribution); one pair per distinct source sentence
+    (its first), so no sentence is in two splits; test: `task.test_size` pairs drawn with split_seed."""
+    from bench.assets import asset_file
+    df = pd.read_csv(asset_file(cfg.asset, cfg.file), sep="\t", header=None, names=["source", "target", "credit"],
+                     quoting=3, dtype=str, keep_default_na=False)
+    df = df[(df.source.str.strip() != "") & (df.target.str.strip() != "")].drop_duplicates("source")
+    train, test = hold_out(Dataset.from_pandas(df[["source", "target"]], preserve_index=False), cfg.test_size,
+                           None, cfg.split_seed)
+    return DatasetDict(train=train, test=test)
+
+
 LOADERS = {"trec": load_trec, "finefoods": load_finefoods, "rotten_tomatoes": load_rotten_tomatoes,
-           "local": load_local, "hf": load_hf}
+           "tatoeba": load_tatoeba, "local": load_local, "hf": load_hf}
 
 
 def match_labels(values: list, label_names: list[str]) -> list[int | None]:
@@ -175,6 +194,9 @@ def load(cfg, seed: int) -> TaskData:
     if cfg.loader not in LOADERS:
         raise BenchError(f"task.loader: unknown loader {cfg.loader!r}; valid: {', '.join(LOADERS)}")
     raw = LOADERS[cfg.loader](cfg)
+    if task_kind(cfg) == "generation" and cfg.get("label_words") is None:
+        return _finish(cfg, seed, {split: instruction_rows(raw[split], cfg, split) for split in raw}, "output",
+                       _answers(cfg, raw))
     for split in raw:
         missing = [c for c in (cfg.text_column, cfg.label_column) if c not in raw[split].column_names]
         if missing:
@@ -190,21 +212,80 @@ def load(cfg, seed: int) -> TaskData:
         ds = raw[split]
         splits[split] = Dataset.from_dict({"text": [str(t) for t in ds[cfg.text_column]],
                                            "label": label_ids(ds[cfg.label_column], names, split)})
+    if task_kind(cfg) == "generation":  # a classification source posed as an instruction: answer its label word
+        words = [str(w) for w in cfg.label_words]
+        if len(words) != len(names):
+            raise BenchError(f"task.label_words: {len(words)} words for {len(names)} classes {names}; give one per "
+                             "class, in label_names' order")
+        splits = {split: Dataset.from_dict({"instruction": [str(cfg.instruction or "")] * len(ds),
+                                            "input": ds["text"], "output": [words[i] for i in ds["label"]],
+                                            "label": ds["label"]})
+                  for split, ds in splits.items()}
+        data = _finish(cfg, seed, splits, "label", words)
+        for split in ("train", "validation", "test"):
+            setattr(data, split, getattr(data, split).remove_columns("label"))
+        return data
+    return _finish(cfg, seed, splits, "label", names)
+
+
+def task_kind(cfg) -> str:
+    kind = cfg.get("kind", "classification")
+    if kind not in KINDS:
+        raise BenchError(f"task.kind: unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+    return kind
+
+
+def _finish(cfg, seed: int, splits: dict, stratify: str, names) -> TaskData:
+    """Carve validation from train where the source has none, number validation and test, subsample."""
     if "validation" not in splits:
         size = validation_count(cfg.validation_size, len(splits["train"]))
-        splits["train"], splits["validation"] = hold_out(splits["train"], size, "label", cfg.split_seed)
+        splits["train"], splits["validation"] = hold_out(splits["train"], size, stratify, cfg.split_seed)
     for split in ("validation", "test"):
         splits[split] = splits[split].add_column("index", list(range(len(splits[split]))))
     return TaskData(
         train=_subsample(splits["train"], cfg.max_train_samples, "task.max_train_samples", seed),
         validation=_subsample(splits["validation"], cfg.max_eval_samples, "task.max_eval_samples", cfg.split_seed),
         test=_subsample(splits["test"], cfg.max_test_samples, "task.max_test_samples", cfg.split_seed),
-        label_names=names)
+        label_names=names, kind=task_kind(cfg))
 
 
-def tokenize(data: TaskData, tokenizer, max_length: int) -> tuple[Dataset, Dataset, Dataset]:
+def instruction_rows(ds: Dataset, cfg, split: str) -> Dataset:
+    """Instruction data (instruction, optional input, output columns) or prompt/completion pairs (the prompt as
+    task.instruction_column, no input column), as columns instruction / input / output. A task.instruction string
+    stands in for a missing instruction column."""
+    columns = ds.column_names
+
+    def column(key: str, required: bool) -> list[str] | None:
+        name = cfg.get(key)
+        if name is None or (name not in columns and not required):
+            return None
+        if name not in columns:
+            raise BenchError(f"task.{key}: column {name!r} not in the {split} data; columns: {columns}")
+        return ["" if v is None else str(v) for v in ds[name]]
+
+    output = column("output_column", True)
+    instruction = column("instruction_column", not cfg.get("instruction"))
+    return Dataset.from_dict({"instruction": instruction or [str(cfg.instruction)] * len(output),
+                              "input": column("input_column", False) or [""] * len(output),
+                              "output": output})
+
+
+def _answers(cfg, raw) -> list[str] | None:
+    """label_match's answers for instruction data: task.label_names, else the distinct outputs of train."""
+    if cfg.get("scorer") != "label_match":
+        return None
+    if cfg.get("label_names") is not None:
+        return [str(n) for n in cfg.label_names]
+    return sorted({str(v) for v in raw["train"][cfg.output_column]})
+
+
+def tokenize(data: TaskData, tokenizer, max_length: int, *, family: str = "encoder", template: str = "alpaca",
+             max_new_tokens: int = 16) -> tuple[Dataset, Dataset, Dataset]:
     """(train, validation, test) token ids without padding (the trainer pads each batch to its longest member);
-    validation and test keep their `index` column."""
+    validation and test keep their `index` column. Generative tasks: bench/core/generation.py (encode)."""
+    if data.kind == "generation":
+        from bench.core import generation
+        return generation.encode(data, tokenizer, family, template, max_length, max_new_tokens)
     def enc(batch):
         out = tokenizer(batch["text"], truncation=True, max_length=max_length)
         out["labels"] = batch["label"]

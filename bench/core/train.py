@@ -84,16 +84,20 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
-class _Best:
-    """The best val/accuracy of the periodic evaluations, its step (ties keep the earlier one) and, with
-    train.select=best, the trainable weights of that step."""
+# the selection score (train.select=best, val/best_*) and the name its best is logged under
+BEST = {M.VAL_ACCURACY: M.VAL_BEST_ACCURACY, M.VAL_CHRF: M.VAL_BEST_CHRF}
 
-    def __init__(self, keep_weights: bool) -> None:
-        self.accuracy, self.step, self.state, self.keep_weights = -1.0, 0, None, keep_weights
+
+class _Best:
+    """The best selection score (val/accuracy, or val/chrf) of the periodic evaluations, its step (ties keep the
+    earlier one) and, with train.select=best, the trainable weights of that step."""
+
+    def __init__(self, keep_weights: bool, metric: str) -> None:
+        self.score, self.step, self.state, self.keep_weights, self.metric = -1.0, 0, None, keep_weights, metric
 
     def update(self, step: int, val: dict[str, float], model) -> None:
-        if val[M.VAL_ACCURACY] > self.accuracy:
-            self.accuracy, self.step = val[M.VAL_ACCURACY], step
+        if val[self.metric] > self.score:
+            self.score, self.step = val[self.metric], step
             if self.keep_weights:
                 self.state = _trainable_state(model)
 
@@ -141,10 +145,17 @@ def _step(model, batch, params, optimizer, scheduler, after_step, max_grad_norm:
 
 def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, device: torch.device,
         meter: Meter, log: Callable[[Points], None] = lambda points: None,
-        on_eval: Callable[[int, dict], None] | None = None) -> dict[str, float]:
-    """Train `model` in place, evaluating on `val_ds`; with cfg.select == "best" the weights of the best
-    val/accuracy step are restored at the end. Return the final metrics (names as logged to MLflow)."""
+        on_eval: Callable[[int, dict], None] | None = None, evaluate_fn=None, collate=None,
+        select: str = M.VAL_ACCURACY) -> dict[str, float]:
+    """Train `model` in place, evaluating on `val_ds`; with cfg.select == "best" the weights of the step with the
+    best `select` score are restored at the end. Return the final metrics (names as logged to MLflow).
+    evaluate_fn(model, ds, split) and collate(rows, device) default to classification's (`evaluate`, `_pad`);
+    generative tasks pass bench/core/generation.py's."""
     # over 60 lines: the one training loop, kept whole so that where the clocks stop and start reads in one place
+    if evaluate_fn is None:
+        def evaluate_fn(model, ds, split):
+            return evaluate(model, ds, tokenizer, cfg.eval_batch_size, num_labels, device, split=split)
+    collate = collate or (lambda rows, device: _pad(tokenizer, rows, device))
     steps = total_steps(cfg, len(train_ds))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -157,13 +168,13 @@ def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, 
     tokens = samples = 0          # real (non-padding) tokens and examples seen by training steps
     window: list[float] = []      # losses since the last train/loss point
     pending = _Pending(log)       # store writes wait for the next evaluation or FLUSH_S (clock stopped)
-    best = _Best(keep_weights=cfg.select == "best")
+    best = _Best(keep_weights=cfg.select == "best", metric=select)
     last_loss, val, opt_bytes = float("nan"), {}, 0
     before_train = meter.current_bytes()  # mem/train_growth_bytes: model and data loaded, nothing trained yet
     bar = tqdm(range(1, steps + 1), desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     meter.start("train")
     for step in bar:
-        batch = _pad(tokenizer, [train_rows[i] for i in next(batches)], device)
+        batch = collate([train_rows[i] for i in next(batches)], device)
         loss = _step(model, batch, params, optimizer, scheduler, after_step, cfg.max_grad_norm, step)
         if step == 1:
             opt_bytes = optimizer_bytes(optimizer)  # mem/optimizer_bytes: the state exists after the first step
@@ -184,11 +195,11 @@ def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, 
         if evaluating:
             meter.stop("train")
             meter.start("eval")
-            val, _ = evaluate(model, val_ds, tokenizer, cfg.eval_batch_size, num_labels, device, split="val")
+            val, _ = evaluate_fn(model, val_ds, "val")
             meter.stop("eval")
             best.update(step, val, model)
             pending.flush((step, val))
-            bar.set_postfix(loss=f"{loss.item():.4f}", val_acc=f"{val[M.VAL_ACCURACY]:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", **{select.split("/")[-1]: f"{val[select]:.3f}"})
             if on_eval is not None:
                 on_eval(step, val)  # e.g. a sweep's pruner; may raise to stop the run
             if step < steps:
@@ -198,7 +209,7 @@ def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, 
     best.restore(model)  # train.select=best: test and save the weights of the best validation step
     train_s = meter.seconds["train"]
     return {**val,
-            M.VAL_BEST_ACCURACY: best.accuracy,   # max of val/accuracy over the periodic evaluations
+            BEST[select]: best.score,             # max of the selection score over the periodic evaluations
             M.VAL_BEST_STEP: best.step,           # the step it was reached at (the earliest, on ties)
             M.TRAIN_SELECTED_STEP: best.step if cfg.select == "best" else steps,
             M.TRAIN_LOSS: last_loss,

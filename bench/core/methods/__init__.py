@@ -131,14 +131,24 @@ def peft_spec(method_cfg) -> dict:
     return {"peft_type": peft_type, **kwargs}
 
 
-def peft_config(method_cfg, model_cfg):
-    """peft's config for a peft method: its keys through peft_spec, task SEQ_CLS, the task head trained too."""
+# peft's task type per (task kind, model family): what PeftModel wraps (bench/core/models.py: model_class)
+TASK_TYPES = {"classification": "SEQ_CLS", "decoder": "CAUSAL_LM", "encoder-decoder": "SEQ_2_SEQ_LM"}
+
+
+def task_type(task_kind: str, family: str) -> str:
+    return TASK_TYPES["classification" if task_kind == "classification" else family]
+
+
+def peft_config(method_cfg, model_cfg, task_type: str = "SEQ_CLS"):
+    """peft's config for a peft method: its keys through peft_spec and the task type; a classifier's new head
+    trains too (peft modules_to_save); an LM has no new head."""
     import peft
 
     spec = peft_spec(method_cfg)
-    spec["task_type"] = "SEQ_CLS"
+    spec["task_type"] = task_type
     config = peft.get_peft_config(spec)
-    if "modules_to_save" in {f.name for f in dataclasses.fields(config)} and config.modules_to_save is None:
+    if (task_type == "SEQ_CLS" and "modules_to_save" in {f.name for f in dataclasses.fields(config)}
+            and config.modules_to_save is None):
         config.modules_to_save = list(model_cfg.head_modules)
     return config
 
@@ -154,21 +164,24 @@ def _no_boft_cuda_build() -> None:
             layer._FBD_CUDA = False
 
 
-def _apply_full(model, method_cfg, model_cfg):
+def _apply_full(model, method_cfg, model_cfg, task_type):
     model.requires_grad_(True)
     return model
 
 
-def _apply_partial(model, method_cfg, model_cfg):
+def _apply_partial(model, method_cfg, model_cfg, task_type):
     train = trainable_names(model, method_cfg, model_cfg)
+    if not train:
+        raise BenchError(f"method={method_cfg.name}: nothing of {type(model).__name__} would train (a language model "
+                         "has no new head); valid here: freeze, full or a peft method")
     for name, p in model.named_parameters():
         p.requires_grad_(name in train)
     return model
 
 
-def _apply_peft(model, method_cfg, model_cfg):
+def _apply_peft(model, method_cfg, model_cfg, task_type):
     import peft
-    config = peft_config(method_cfg, model_cfg)
+    config = peft_config(method_cfg, model_cfg, task_type)
     if config.peft_type == peft.PeftType.BOFT:
         _no_boft_cuda_build()
     return peft.get_peft_model(model, config)
@@ -179,11 +192,11 @@ APPLY = {"full": _apply_full, "head": _apply_partial, "freeze": _apply_partial, 
 KINDS = tuple(APPLY)
 
 
-def apply(model, method_cfg, model_cfg):
-    """Return the model to train, with requires_grad set by the method."""
+def apply(model, method_cfg, model_cfg, task_type: str = "SEQ_CLS"):
+    """Return the model to train, with requires_grad set by the method (task_type: see TASK_TYPES)."""
     if method_cfg.kind not in APPLY:
         raise BenchError(f"method.kind: unknown kind {method_cfg.kind!r}; valid: {', '.join(KINDS)}")
-    return APPLY[method_cfg.kind](model, method_cfg, model_cfg)
+    return APPLY[method_cfg.kind](model, method_cfg, model_cfg, task_type)
 
 
 def step_hook(model, total_steps: int):
