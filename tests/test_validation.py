@@ -29,7 +29,8 @@ CASES = [
      r"^method: unknown choice 'loraa'; valid: (\w+, )*adapter, adapter_parallel, adapter_pfeiffer, .*lora.*vera$"),
     ("unknown model", ["model=bert", "model.name_or_path={tiny_bert}"],
      r"^model: unknown choice 'bert'; valid: hf, minilm, smollm2$"),
-    ("unknown task", ["task=imdb"], r"^task: unknown choice 'imdb'; valid: finefoods, hf, local, rotten_tomatoes, trec$"),
+    ("unknown task", ["task=imdb"], r"^task: unknown choice 'imdb'; valid: finefoods, hf, local, rotten_tomatoes, rotten_tomatoes_instruct, "
+     r"trec, trec_instruct, translate_en_es$"),
     ("unknown quant", ["quant=fp8"], r"^quant: unknown choice 'fp8'; valid: int8, nf4, none$"),
     ("unknown key", ["method.rank=8"], r"^Could not override 'method.rank'.*Key 'rank' is not in struct"),
     ("rank 0", ["method.r=0"], r"^method.r: must be a number > 0, got 0$"),
@@ -116,6 +117,29 @@ CASES = [
     ("label outside label_names", ["task.label_names=[blue,green,red]", "task.test_path={yellow}"],
      r"^task.label_names: test labels 'yellow' are outside the declared classes \['blue', 'green', 'red'\] \(int "
      r"labels must lie in 0\.\.2\); first at .*yellow\.jsonl row 2 \(line 3 of the file\), column 'label'$"),
+    # generative tasks (a decoder: the tiny Llama config; nothing but config.json is needed to validate)
+    ("generation on an encoder", ["task.kind=generation", "task.path={instructions}"],
+     r"^task.kind: generation needs a model that can generate \(a decoder such as model=smollm2, or an "
+     r"encoder-decoder such as model=hf model.name_or_path=bigscience/mt0-small\); this model is an encoder"),
+    ("template unknown", ["task=trec_instruct", "task.template=vicuna"],
+     r"^task.template: unknown template 'vicuna'; valid: alpaca, chat, plain$"),
+    ("scorer unknown", ["task=trec_instruct", "task.scorer=rouge"],
+     r"^task.scorer: unknown scorer 'rouge'; valid: label_match, chrf_bleu$"),
+    ("max_new_tokens zero", ["task=trec_instruct", "task.max_new_tokens=0"],
+     r"^task.max_new_tokens: must be a number > 0, got 0$"),
+    ("label words miscounted", ["task=trec_instruct", "task.label_words=[what,who]"],
+     r"^task.label_words: 2 words for the 6 classes \['DESC', 'ENTY', 'ABBR', 'HUM', 'NUM', 'LOC'\]; give one per"),
+    ("head on a language model", ["model.name_or_path={llama}", "task=trec_instruct", "method=head"],
+     r"^method=head: nothing of LlamaForCausalLM would train \(a language model has no new head\); valid here: "
+     r"freeze, full or a peft method$"),
+    ("chat template missing", ["model.name_or_path={llama}", "task=trec_instruct", "task.template=chat"],
+     r"^task.template: chat, but the tokenizer in .*llama has no chat template; valid here: alpaca, plain$"),
+    ("no output column", ["model.name_or_path={llama}", "task.kind=generation", "task.path={instructions}",
+                          "task.output_column=answer"],
+     r"^task.output_column: column 'answer' not in .*instructions\.jsonl; columns: instruction, input, output$"),
+    ("output empty", ["model.name_or_path={llama}", "task.kind=generation", "task.path={blank_output}"],
+     r"^task.path: .*blank_output\.jsonl row 2 \(line 2 of the file\), column 'output': empty or missing output; "
+     r"every row needs an output$"),
     ("vector length not a divisor", ["method=vblora", "method.vector_length=24"],  # clearer than peft's own line
      r"^method.vector_length: 24 does not divide the widths of the targeted layers \(32\); valid: a divisor of 32$"),
     # peft's own objections: get_peft_model on the meta-device model (before, they surfaced inside the run)
@@ -144,8 +168,13 @@ SUBPROCESS = {"unknown method", "rank 0", "data file missing", "tracking server 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, toy_csv, tiny_bert_dir) -> dict[str, str]:
-    from transformers import DistilBertConfig, GPT2Config
+    from transformers import DistilBertConfig, GPT2Config, LlamaConfig
     d = tmp_path_factory.mktemp("bad")
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=128).save_pretrained(d / "llama")
+    rows = [{"instruction": "Name the colour.", "input": f"the {c} one", "output": c} for c in ("red", "blue", "green")]
+    (d / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "blank_output.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "output": " "}) + "\n")
     DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(d / "distilbert")
     GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64).save_pretrained(d / "gpt2")
     (d / "empty.csv").write_text("")
@@ -166,7 +195,8 @@ def files(tmp_path_factory, toy_csv, tiny_bert_dir) -> dict[str, str]:
             "empty": str(d / "empty.csv"),
             "header_only": str(d / "header_only.csv"), "xlsx": str(d / "data.xlsx"),
             "eval_purple": str(d / "eval_purple.csv"), "hf_folder": str(d / "hf_data"),
-            "no_config": str(d / "no_config"), "missing_dir": str(d / "nowhere")}
+            "no_config": str(d / "no_config"), "missing_dir": str(d / "nowhere"), "llama": str(d / "llama"),
+            "instructions": str(d / "instructions.jsonl"), "blank_output": str(d / "blank_output.jsonl")}
 
 
 @pytest.fixture(scope="module")

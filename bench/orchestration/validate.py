@@ -133,11 +133,29 @@ def _check_method_and_task(cfg) -> None:
         raise BenchError(f"method.dropout: must lie in [0, 1), got {cfg.method.dropout!r}")
     for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):  # larger than a split: clamped
         _positive(f"task.{key}", cfg.task[key], allow_none=True)
+    _check_generation(cfg.task)
     size = cfg.task.validation_size
     if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1
                                  or isinstance(size, float) and 0 < size < 1):
         raise BenchError(f"task.validation_size: must be a count >= 1 or a fraction in (0, 1), or null "
                          f"(10 % of train, at most 500), got {size!r}")
+
+
+def _check_generation(task) -> None:
+    from bench.core.generation import SCORERS, TEMPLATES  # light: numpy, pandas, torch are imported later anyway
+    kind = task.get("kind", "classification")
+    if kind not in ("classification", "generation"):
+        raise BenchError(f"task.kind: unknown kind {kind!r}; valid: classification, generation")
+    if kind != "generation":
+        return
+    for key, valid in (("template", TEMPLATES), ("scorer", SCORERS)):
+        if task.get(key) not in valid:
+            raise BenchError(f"task.{key}: unknown {key} {task.get(key)!r}; valid: {', '.join(valid)}")
+    _positive("task.max_new_tokens", task.get("max_new_tokens"))
+    words = task.get("label_words")
+    if words is not None and task.get("label_names") is not None and len(words) != len(task.label_names):
+        raise BenchError(f"task.label_words: {len(words)} words for the {len(task.label_names)} classes "
+                         f"{list(task.label_names)}; give one per class, in label_names' order")
 
 
 # --- the whole command line -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def check_data(task) -> None:
     """The data exist, have the text and label columns, and their labels fit the declared classes."""
     if task.loader == "local":
         _check_local(task)
-    elif task.loader in ("trec", "rotten_tomatoes"):
+    elif task.loader in ("trec", "rotten_tomatoes", "tatoeba"):
         from bench.assets import asset_file
         asset_file(task.asset, task.file)  # hash-checked; a corrupted file is fetched again once, else AssetError
     elif task.loader == "hf":
@@ -41,6 +41,8 @@ def _check_local(task) -> None:
     from bench.core import tasks
     files = tasks.local_files(task)
     frames = {split: tasks.read_table(path, key) for split, (key, path) in files.items()}
+    if task.get("kind") == "generation" and task.get("label_words") is None:
+        return _check_local_instructions(task, files, frames)
     for split, df in frames.items():
         for key in ("text_column", "label_column"):
             if task[key] not in df.columns:
@@ -60,6 +62,25 @@ def _check_local(task) -> None:
             line = tasks.outside_classes([values[i] for i in bad], names, split)
             raise BenchError(f"{line}; first at {files[split][1]} {_row(files[split][1], bad[0])}, "
                              f"column {task.label_column!r}")
+
+
+def _check_local_instructions(task, files, frames) -> None:
+    """Instruction data: the output column (and the instruction column, unless task.instruction stands in for it)
+    exist, and every row has an output."""
+    for split, df in frames.items():
+        path = files[split][1]
+        required = ["output_column"] + ([] if task.get("instruction") else ["instruction_column"])
+        for key in required:
+            if task.get(key) is None or task[key] not in df.columns:
+                raise BenchError(f"task.{key}: column {task.get(key)!r} not in {path}; columns: "
+                                 f"{', '.join(map(str, df.columns))}" + (
+                                     "; or set task.instruction to one instruction for every row"
+                                     if key == "instruction_column" else ""))
+        blank = _blank(df[task.output_column]).to_numpy().nonzero()[0].tolist()
+        if blank:
+            more = f" (and {len(blank) - 1} more row{'s' if len(blank) > 2 else ''})" if len(blank) > 1 else ""
+            raise BenchError(f"{files[split][0]}: {path} {_row(path, blank[0])}, column {task.output_column!r}: "
+                             f"empty or missing output{more}; every row needs an output")
 
 
 def _blank(column):

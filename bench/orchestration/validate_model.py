@@ -10,6 +10,7 @@ import contextlib
 import copy
 import re
 import warnings
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -40,20 +41,26 @@ def check_model(cfg) -> None:
     source = config_source(cfg.model)
     if source is None:
         return
-    model = meta_model(source, bool(cfg.model.trust_remote_code))
+    kind = cfg.task.get("kind", "classification")
+    model = meta_model(source, bool(cfg.model.trust_remote_code), kind)  # BenchError: an encoder cannot generate
+    from bench.core import methods
+    from bench.core.models import family
     names = [n for n, _ in model.named_modules()]
     head = list(cfg.model.head_modules)
-    if not any(part in head for n in names for part in n.split(".")):
+    if kind == "classification" and not any(part in head for n in names for part in n.split(".")):
         children = ", ".join(n for n, _ in model.named_children())
         raise BenchError(f"model.head_modules: {head} names no module of {type(model).__name__}; its top-level "
                          f"modules: {children}")
-    from bench.core import methods
-    if cfg.method.kind in ("freeze", "bitfit"):
-        methods.trainable_names(model, cfg.method, cfg.model)  # trainable_layers in range, blocks / biases found
+    if kind == "generation":
+        _check_chat_template(cfg, source)
+    if cfg.method.kind in methods.PARTIAL_KINDS:
+        if not methods.trainable_names(model, cfg.method, cfg.model):  # trainable_layers in range, blocks found
+            raise BenchError(f"method={cfg.method.name}: nothing of {type(model).__name__} would train (a language "
+                             "model has no new head); valid here: freeze, full or a peft method")
     if cfg.method.kind != "peft":
         return
     try:
-        pc = methods.peft_config(cfg.method, cfg.model)
+        pc = methods.peft_config(cfg.method, cfg.model, methods.task_type(kind, family(model.config)))
     except BenchError:   # a key that is no field of peft's config class: names method.<key>
         raise
     except Exception as e:  # peft's config classes raise TypeError/ValueError for bad values
@@ -64,6 +71,20 @@ def check_model(cfg) -> None:
     else:
         _check_targets(cfg.method, pc, model)
     _check_peft_builds(cfg.method.name, pc, model)
+
+
+def _check_chat_template(cfg, source: str) -> None:
+    """task.template=chat needs a tokenizer with a chat template (read from a local folder's tokenizer files)."""
+    folder = Path(source)
+    if cfg.task.get("template") != "chat" or not folder.is_dir():
+        return
+    import json
+    config = folder / "tokenizer_config.json"
+    has = (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file() or (
+        config.is_file() and json.loads(config.read_text()).get("chat_template"))
+    if not has:
+        raise BenchError(f"task.template: chat, but the tokenizer in {source} has no chat template; valid here: "
+                         "alpaca, plain")
 
 
 def _check_prompt(method: str, pc, model) -> None:
