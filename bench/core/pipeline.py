@@ -1,6 +1,10 @@
 """One run, the straight line, read top to bottom:
 
-    task data -> backbone (+ quantization) -> method -> train (+ periodic validation) -> test once -> save
+    task data -> backbone (+ quantization) [-> forgetting: before] -> method -> train (+ periodic validation)
+      -> test once [-> forgetting: after] -> save
+
+The task's kind picks the path: classification (a new head, argmax scores) or generation (a causal or seq2seq LM
+by the backbone's family, response-only loss, scored on greedy generations: bench/core/generation.py).
 
 `build(cfg)` makes a run's parts (used by `run`, sweeps and tests alike); `run(cfg, ...)` measures one run and
 returns its metrics. Where they go is the caller's business (bench/orchestration/worker.py logs them to MLflow):

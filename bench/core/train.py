@@ -3,7 +3,9 @@
 AdamW, linear warmup then linear decay, gradient clipping, length-bucketed batches with dynamic padding in a
 seeded order (identical for every method given the same seed and tokenizer), periodic evaluation on the
 validation split without grad on larger batches, a progress bar. The test split never enters this module's loop:
-bench/orchestration/worker.py scores it once, after training (`evaluate(..., split="test")`).
+bench/core/pipeline.py scores it once, after training. Classification batches and scores are this module's
+(`_pad`, `evaluate`); generative tasks hand in their own (`collate`, `evaluate_fn` from bench/core/generation.py:
+response-only labels, greedy generation), and the loop is the same.
 
 The clock of time/train_s runs only around training steps (batch preparation, forward, backward, optimizer
 step). Metrics for the store are buffered and handed to `log` at evaluations, with the clock stopped.
