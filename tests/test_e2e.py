@@ -16,7 +16,7 @@ from bench.core import metrics as M
 from bench.orchestration.worker import run_job
 from tests.conftest import ROOT, compose
 
-METRICS = list(M.RUN)   # every metric a finished CPU run reports (bench/core/metrics.py)
+METRICS = list(M.run_names("classification"))   # every metric a finished CPU classification run reports
 TAGS = ["method", "model", "task", "quant", "seed", "status", "git_commit", "version.torch",
         "version.transformers", "version.peft", "version.bitsandbytes", "device_name", "torch_threads"]
 SHORT = ["train.max_steps=12", "train.eval_every=6", "train.log_every=3", "task.max_train_samples=256",
