@@ -15,7 +15,8 @@ from bench.sweep import spec
 from tests.conftest import ROOT, compose
 
 README = ROOT / "README.md"
-CPU_METRICS = M.names(cuda_only=False)   # what a CPU run logs to MLflow (final values and step histories)
+# what a CPU run of a classification task logs to MLflow (final values and step histories)
+CPU_METRICS = tuple(n for n in M.names(cuda_only=False) if "classification" in M.REGISTRY[n].runs)
 
 
 def section(title: str) -> str:
@@ -117,23 +118,48 @@ def test_a_bad_entry_in_metrics_yaml_is_refused_naming_the_file_and_the_entry(tm
 
 
 def test_groups_derive_from_the_registry():
-    assert M.VAL_PERIODIC == M.SCORES["val"] == (M.VAL_ACCURACY, M.VAL_F1_MACRO, M.VAL_LOSS)
-    assert M.TEST == M.SCORES["test"] == (M.TEST_ACCURACY, M.TEST_F1_MACRO, M.TEST_LOSS)
+    classification = M.run_names("classification")
+    assert M.VAL_PERIODIC == M.names(phase="validation", history=True)
+    assert tuple(n for n in M.VAL_PERIODIC if n in classification) == M.SCORES["val"] == (
+        M.VAL_ACCURACY, M.VAL_F1_MACRO, M.VAL_LOSS)
+    assert M.TEST == M.names(phase="test")
+    assert tuple(n for n in M.TEST if n in classification) == M.SCORES["test"] == (
+        M.TEST_ACCURACY, M.TEST_F1_MACRO, M.TEST_LOSS)
     assert set(M.HISTORY) == {*M.VAL_PERIODIC, M.TRAIN_LOSS, M.TRAIN_LR}
     assert M.TRAIN_LR not in M.RUN and not {M.MEM_PEAK_TRAIN_RESERVED, M.MEM_PEAK_EVAL_RESERVED} & set(M.RUN)
     assert set(M.RUN) == {n for n, m in M.REGISTRY.items() if m.final and not m.cuda_only}
+    # each kind of run reports its own figures; together they are RUN; every kind reports the costs
+    assert set(M.RUN) == {n for kind in M.RUN_KINDS for n in M.run_names(kind)}
+    label_match, chrf_bleu = set(M.run_names("label_match")), set(M.run_names("chrf_bleu"))
+    assert {M.FORGET_EMBEDDING_COSINE, M.TEST_F1_MACRO, M.VAL_BEST_ACCURACY} <= set(classification)
+    assert not {M.TEST_INVALID_RATE, M.TEST_CHRF, M.FORGET_LOSS_DELTA} & set(classification)
+    assert {M.TEST_ACCURACY, M.TEST_INVALID_RATE, M.VAL_BEST_ACCURACY, M.FORGET_LOSS_DELTA} <= label_match
+    assert not {M.TEST_F1_MACRO, M.TEST_CHRF, M.FORGET_EMBEDDING_COSINE} & label_match
+    assert {M.TEST_CHRF, M.TEST_BLEU, M.VAL_BEST_CHRF, M.VAL_BEST_STEP, M.TEST_LOSS, M.FORGET_LOSS_DELTA} <= chrf_bleu
+    assert not {M.TEST_ACCURACY, M.VAL_BEST_ACCURACY, M.TEST_INVALID_RATE} & chrf_bleu
+    assert M.run_kind("classification", None) == "classification" and M.run_kind("generation", "chrf_bleu") == \
+        "chrf_bleu"
+    for kind in M.RUN_KINDS:
+        assert set(M.COSTS) <= set(M.run_names(kind)), kind
     for name in M.COSTS:
         m = M.REGISTRY[name]
         assert m.phase == "run" and m.direction == "min" and not m.cuda_only, name
 
 
 def test_the_metrics_views_pick_are_registry_metrics_every_run_reports():
-    """The report's columns and plot axes, the MLflow comparison view and the end-of-multirun table choose their
-    metrics by hand; each must be one that every finished run reports."""
+    """The report's columns and plot axes and the MLflow comparison view choose their metrics by hand; each must be
+    one that every finished run of the kinds it shows reports: the costs every kind, the accuracy tables'
+    headline classification and label_match runs, the score tables' chrf_bleu runs, the comparison view (sorted
+    by test/accuracy) classification runs; the optional columns are registry metrics some kind reports."""
     from bench.report import data, plots
     from bench.tracking import COMPARE_COLUMNS
-    picked = {*COMPARE_COLUMNS["metrics"], data.ACCURACY, *data.MEANS, *plots.AXES}
-    assert picked <= set(M.RUN), picked - set(M.RUN)
+    every = set.intersection(*(set(M.run_names(kind)) for kind in M.RUN_KINDS))
+    assert {*data.MEANS, *plots.AXES} <= every, {*data.MEANS, *plots.AXES} - every
+    for kind in ("classification", "label_match"):
+        assert data.ACCURACY in M.run_names(kind)
+    assert set(data.SCORES) <= set(M.run_names("chrf_bleu"))
+    assert set(COMPARE_COLUMNS["metrics"]) <= set(M.run_names("classification"))
+    assert set(data.OPTIONAL) <= set(M.RUN)
 
 
 def test_sweep_objectives_and_their_default_direction_come_from_the_registry(tmp_path):
@@ -153,16 +179,19 @@ def test_sweep_objectives_and_their_default_direction_come_from_the_registry(tmp
 
 
 def test_a_tiny_run_logs_exactly_the_registry(tiny_overrides, tmp_path):
-    """result.metrics holds every metric of RUN and nothing else; the MLflow run holds every registry metric a
-    CPU run can log (RUN plus the step-history-only train/lr), and the `history` ones have several steps."""
+    """result.metrics of a classification run holds every metric of run_names("classification") and nothing else;
+    the MLflow run holds every registry metric a CPU classification run can log (those plus the step-history-only
+    train/lr), and the `history` ones have several steps."""
     cfg = compose("method=lora", *tiny_overrides)
     result = run_job(cfg, tmp_path / "job")
     assert result.status == "FINISHED"
-    assert set(result.metrics) == set(M.RUN), {"not logged": set(M.RUN) - set(result.metrics),
-                                               "not in the registry's RUN": set(result.metrics) - set(M.RUN)}
+    expected = set(M.run_names("classification"))
+    assert set(result.metrics) == expected, {"not logged": expected - set(result.metrics),
+                                             "not in run_names('classification')": set(result.metrics) - expected}
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     logged = client.get_run(result.run_id).data.metrics
     assert set(logged) == set(CPU_METRICS), {"not logged": set(CPU_METRICS) - set(logged),
                                              "not in the registry": set(logged) - set(CPU_METRICS)}
     for name in M.HISTORY:
-        assert len(client.get_metric_history(result.run_id, name)) > 1, name
+        if name in CPU_METRICS:
+            assert len(client.get_metric_history(result.run_id, name)) > 1, name

@@ -271,6 +271,21 @@ def test_summary_marks_skipped_runs_and_fails_only_on_failed_runs(capsys):
     assert e.value.code == 1
 
 
+
+def test_summary_shows_chrf_for_translation_runs_only_when_one_is_listed(capsys):
+    """A chrf_bleu run has no accuracy: the table adds its test chrF and best validation chrF; a table of
+    classification runs keeps its columns."""
+    cfg = compose()
+    acc = Result("lora-trec-minilm-s0", "FINISHED", "r1", {"test/accuracy": 0.9, "val/best_accuracy": 0.85})
+    report([acc], cfg)
+    assert "chrF" not in capsys.readouterr().out
+    mt = Result("lora-translate_en_es-smollm2-s0", "FINISHED", "r2", {"test/chrf": 41.26, "val/best_chrf": 39.04})
+    report([acc, mt], cfg)
+    out = capsys.readouterr().out
+    assert "test chrF" in out and "best val chrF" in out
+    row = next(line for line in out.splitlines() if "lora-translate" in line)
+    assert "41.3" in row and "39.0" in row
+
 # --- parallel workers on one SQLite store ----------------------------------------------------------------------
 
 PARALLEL_RUNS = 8

@@ -277,24 +277,26 @@ def _predictions(correct) -> pd.DataFrame:
 
 
 def _log(client, exp, method, seed, acc, mem, ckpt, secs, task="trec", status="FINISHED", extra=None, correct=None,
-         peak=None, old_protocol=False, tmp=None, device="cpu"):
+         peak=None, old_protocol=False, tmp=None, device="cpu", metrics=None, frame=None):
     """One run as the harness logs it; `mem` is the train growth (CPU). With `correct`, its accuracy comes from
-    those answers and they are logged as the predictions artifact."""
+    those answers and they are logged as the predictions artifact; `frame`: a predictions artifact as given.
+    `metrics`: more figures (a generative run's); acc None without `correct`: no test/accuracy (chrf_bleu)."""
     tags = {"method": method, "model": "minilm", "task": task, "quant": "none", "seed": str(seed), "device": device}
     rid = client.create_run(exp, run_name=f"{method}-{task}-minilm-s{seed}", tags=tags).info.run_id
     if correct is not None:
         acc = float(np.mean(correct))
-    metrics = {"eval/accuracy" if old_protocol else M.TEST_ACCURACY: acc, M.MEM_TRAIN_GROWTH: mem,
+    figures = {"eval/accuracy" if old_protocol else M.TEST_ACCURACY: acc, M.MEM_TRAIN_GROWTH: mem,
                M.MEM_PEAK_TRAIN: peak or mem + 1000 * MiB, M.CKPT_BYTES: ckpt, M.TIME_TRAIN: secs,
-               M.PARAMS_TRAINABLE_PCT: 1.0, M.THROUGHPUT_TOKENS: 1000.0}
+               M.PARAMS_TRAINABLE_PCT: 1.0, M.THROUGHPUT_TOKENS: 1000.0, **(metrics or {})}
+    figures = {k: v for k, v in figures.items() if v is not None}
     params = {"seed": str(seed), "method.name": method, "train.lr": "0.001", **(extra or {})}
     ts = int(time.time() * 1000)
-    client.log_batch(rid, metrics=[Metric(k, v, ts, 1) for k, v in metrics.items()] if status == "FINISHED" else [],
+    client.log_batch(rid, metrics=[Metric(k, v, ts, 1) for k, v in figures.items()] if status == "FINISHED" else [],
                      params=[Param(k, v) for k, v in params.items()])
-    if correct is not None:
+    if correct is not None or frame is not None:
         path = tmp / rid / "test.parquet"
         path.parent.mkdir(parents=True)
-        _predictions(correct).to_parquet(path)
+        (_predictions(correct) if frame is None else frame).to_parquet(path)
         client.log_artifact(rid, str(path), artifact_path=M.PREDICTIONS_ARTIFACT.rsplit("/", 1)[0])
     client.set_terminated(rid, status)
     return rid
@@ -472,6 +474,148 @@ def test_cuda_groups_separate_methods_by_peak_allocated(tmp_path):
     assert _row(md, "lora")[6] == "2,000 MiB (×0.33)"
     assert "| ≤ 2,000 MiB | lora |" in md and "| ≤ 6,000 MiB | full |" in md
     assert "memory figure that separates the methods: `mem/peak_train_bytes` (peak allocated)" in md
+
+
+# --- constructed cases: generative runs ------------------------------------------------------------------------
+LABEL_MATCH = {"task.kind": "generation", "task.scorer": "label_match", "task.template": "alpaca", "forgetting": "True"}
+CHRF_BLEU = {"task.kind": "generation", "task.scorer": "chrf_bleu", "task.template": "alpaca", "forgetting": "True"}
+WORDS = ["description", "entity", "human"]
+
+
+def _generated(correct, invalid, outside=()) -> pd.DataFrame:
+    """A label_match run's predictions as the harness writes them: index, reference, generation, score, label,
+    prediction. Labels cycle over 3 answer words; `outside`: examples whose reference is none of the answers
+    (label -1); a wrong answer is the next word, or, where `invalid`, a line that is no answer (prediction -1)."""
+    correct, invalid = np.asarray(correct, dtype=bool), np.asarray(invalid, dtype=bool)
+    n = len(correct)
+    label = np.arange(n) % 3
+    label[list(outside)] = -1
+    prediction = np.where(correct, label, np.where(invalid, -1, (label + 1) % 3))
+    reference = [WORDS[x] if x >= 0 else "unknown" for x in label]
+    generation = [WORDS[x] if x >= 0 else "I think so" for x in prediction]
+    return pd.DataFrame({"index": np.arange(n), "reference": reference, "generation": generation,
+                         "score": correct.astype(float), "label": label, "prediction": prediction})
+
+
+def test_label_match_runs_enter_the_accuracy_tables_with_invalid_answers_and_forgetting(tmp_path):
+    """Generative label_match runs are accuracy runs: their own group (titled with the scorer), the seed and
+    test-sampling intervals, the paired test read from their predictions (the scorer's per-example `score`, not
+    label = prediction, which would count an invalid answer to a reference outside the answers as right), plus
+    their invalid rate and forgetting; classification runs show forget/embedding_cosine where they logged it, and
+    a run logged before the generative keys existed shares its row with a new one of the same settings."""
+    uri, client, exp = _store(tmp_path)
+    arts = tmp_path / "to-log"
+    # 200 questions: both right on 0-169, both wrong on 170-189 (175-189 invalid; 175-179 with references outside
+    # the answers), lora only right on 190, adapter only right on 191-199 (lora answers those invalidly)
+    both = np.arange(200) < 170
+    lora_ok, adapter_ok = both | (np.arange(200) == 190), both | (np.arange(200) >= 191)
+    lora_bad = ((np.arange(200) >= 175) & (np.arange(200) < 190)) | (np.arange(200) >= 191)
+    adapter_bad = (np.arange(200) >= 175) & (np.arange(200) < 190)
+    outside = range(175, 180)
+    lora_frame = _generated(lora_ok, lora_bad, outside)
+    adapter_frame = _generated(adapter_ok, adapter_bad, outside)
+    assert (lora_frame.label == lora_frame.prediction).mean() > lora_ok.mean()   # -1 = -1 would count as right
+    for method, frame, delta in (("lora", lora_frame, 0.012), ("adapter", adapter_frame, 0.034)):
+        _log(client, exp, method, 0, float(frame.score.mean()), 500 * MiB if method == "lora" else 600 * MiB,
+             1e5, 10.0, task="trec_instruct", extra=LABEL_MATCH, frame=frame, tmp=arts,
+             metrics={M.TEST_INVALID_RATE: float((frame.prediction == -1).mean()), M.FORGET_LOSS_BEFORE: 3.0,
+                      M.FORGET_LOSS_AFTER: 3.0 + delta, M.FORGET_LOSS_DELTA: delta,
+                      M.VAL_INVALID_RATE: 0.1, M.VAL_BEST_ACCURACY: 0.8})
+    # classification: a run logged before the generative keys (no task.kind, no forgetting) and a new one
+    _log(client, exp, "lora", 0, 0.90, 500 * MiB, 1e5, 10.0)
+    _log(client, exp, "lora", 1, 0.92, 500 * MiB, 1e5, 10.0, extra={"task.kind": "classification",
+                                                                    "task.template": "alpaca", "forgetting": "True"},
+         metrics={M.FORGET_EMBEDDING_COSINE: 0.98765})
+    out = tmp_path / "r.md"
+    build_report(uri, [EXPERIMENT], out)
+    md = out.read_text()
+
+    gen = _section(md, "trec_instruct · minilm · none · label_match")
+    assert "Task `trec_instruct`, generative, scored by label_match, model `minilm`" in gen
+    assert "| throughput | invalid answers | forgetting: Δ LM loss | Pareto frontier |" in gen
+    assert "embedding cosine" not in gen
+    lora, adapter = _row(gen, "lora"), _row(gen, "adapter")
+    assert lora[1] == "n=1 (0)" and lora[2] == "85.5 %" and adapter[2] == "89.5 %"
+    lo, hi = wilson(0.855, 200)   # from the scorer's verdicts; label = prediction would give 88.0 %
+    assert lora[3] == f"{100 * lo:.1f}–{100 * hi:.1f} % (n=200)"
+    assert lora[-3:-1] == ["12.0 %", "+0.012"] and adapter[-3:-1] == ["7.5 %", "+0.034"]
+    assert "- **≤ 600 MiB**: use **adapter** (89.5 %, n=1); ahead of lora beyond noise (McNemar p = 0.0215, 9 vs " \
+           "1 discordant of 200 examples, seed 0)" in gen
+    assert "](r/acc-trec_instruct-minilm-none-label_match.png)" in gen
+    assert (tmp_path / "r" / "acc-trec_instruct-minilm-none-label_match.png").is_file()
+
+    trec = _section(md, "trec · minilm · none")
+    assert "| throughput | forgetting: embedding cosine | Pareto frontier |" in trec and "invalid answers" not in trec
+    row = _row(trec, "lora")
+    assert row[1] == "n=2 (0, 1)" and row[-2] == "0.9877"   # one row; the mean over the seed that has it
+    assert "Groups titled `… · label_match` are generative tasks" in md and "*Forgetting*" in md
+    assert "- Test predictions (`predictions/test.parquet`, for the test-sampling intervals and the paired tests): " \
+           "read for 2 of the 4 runs in the tables" in md
+
+
+def test_chrf_bleu_runs_get_their_own_table_in_a_mixed_report(tmp_path):
+    """Translation runs (chrf_bleu: test/chrf, test/bleu, no test/accuracy) beside classification and label_match
+    runs: their own section with chrF and BLEU over seeds, costs and forgetting, not "old protocol"; a run
+    without the task.kind param is recognised by its metrics; a chrF study's best trial shows its test chrF."""
+    uri, client, exp = _store(tmp_path)
+    arts = tmp_path / "to-log"
+    _log(client, exp, "lora", 0, 0.90, 500 * MiB, 1e5, 10.0)
+    _log(client, exp, "full", 0, 0.95, 900 * MiB, 9e7, 20.0)
+    _log(client, exp, "lora", 0, 0.70, 500 * MiB, 1e5, 10.0, task="trec_instruct", extra=LABEL_MATCH,
+         metrics={M.TEST_INVALID_RATE: 0.05, M.FORGET_LOSS_DELTA: 0.02})
+    frame = pd.DataFrame({"index": np.arange(3), "reference": ["hola", "sí", "no"],
+                          "generation": ["hola", "si", "nada"], "score": [100.0, 40.0, 10.0]})
+    for seed, (chrf, bleu, delta) in enumerate([(40.0, 15.0, 0.02), (42.0, 17.0, 0.04)]):
+        _log(client, exp, "lora", seed, None, 500 * MiB, 1e5, 30.0, task="translate_en_es", extra=CHRF_BLEU,
+             frame=frame, tmp=arts, metrics={M.TEST_CHRF: chrf, M.TEST_BLEU: bleu, M.FORGET_LOSS_DELTA: delta,
+                                             M.VAL_CHRF: chrf, M.VAL_BEST_CHRF: chrf, M.TEST_LOSS: 1.5})
+    _log(client, exp, "full", 0, None, 900 * MiB, 9e7, 60.0, task="translate_en_es", extra=CHRF_BLEU,
+         metrics={M.TEST_CHRF: 50.0, M.TEST_BLEU: 25.0, M.FORGET_LOSS_DELTA: 0.30})
+    _log(client, exp, "ia3", 0, None, 400 * MiB, 5e4, 20.0, task="translate_en_es",   # no task.kind param
+         metrics={M.TEST_CHRF: 30.0, M.TEST_BLEU: 9.0})
+    _log(client, exp, "lora", 2, None, 0, 0, 0, task="translate_en_es", extra=CHRF_BLEU, status="FAILED")
+    tracker = Tracker(uri, EXPERIMENT)
+    parent = tracker.client.create_run(exp, run_name="sweep-mt", tags={
+        "study": "mt", "sweep_role": "parent", "objective": M.VAL_CHRF, "direction": "maximize"}).info.run_id
+    for trial, (r, val, test) in enumerate([(4, 38.0, 37.5), (8, 41.0, 40.25)]):
+        rid = client.create_run(exp, run_name=f"lora-mt-t{trial}", tags={
+            "study": "mt", "trial": str(trial), "mlflow.parentRunId": parent, "task": "translate_en_es"}).info.run_id
+        client.log_batch(rid, metrics=[Metric(M.VAL_CHRF, val, 0, 1), Metric(M.TEST_CHRF, test, 0, 1)],
+                         params=[Param("method.r", str(r)), *(Param(k, v) for k, v in CHRF_BLEU.items())])
+        client.set_terminated(rid, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    out = tmp_path / "r.md"
+    assert main(["--tracking-uri", uri, "--out", str(out)]) == 0
+    md = out.read_text()
+
+    mt = _section(md, "translate_en_es · minilm · none · chrf_bleu")
+    assert "Task `translate_en_es`, generative, scored by chrf_bleu, model `minilm`, quantization `none`; 4 " \
+           "finished runs in 3 rows" in mt
+    assert "| method | seeds | test chrF (seeds, 95 % CI) | test BLEU (seeds, 95 % CI) | Δ test chrF vs full | " \
+           "trainable % | train growth | peak train (process) | train time | checkpoint | throughput | " \
+           "forgetting: Δ LM loss | Pareto frontier |" in mt
+    full, lora, ia3 = _row(mt, "full"), _row(mt, "lora"), _row(mt, "ia3")
+    assert full[:5] == ["**full**", "n=1 (0)", "50.0", "25.0", "reference"] and full[-2] == "+0.300"
+    hw = stats.t.ppf(0.975, 1) * np.std([40.0, 42.0], ddof=1) / math.sqrt(2)
+    assert lora[:5] == ["lora", "n=2 (0, 1)", f"41.0 ± {hw:.1f}", f"16.0 ± {hw:.1f}", "-9.0"], lora
+    assert lora[6] == "500 MiB (×0.56)" and lora[-2] == "+0.030"
+    assert ia3[:4] == ["ia3", "n=1 (0)", "30.0", "9.0"] and ia3[-2] == "-"
+    for row in (full, lora, ia3):   # each trades chrF for cost: all on the frontiers (maximizing test chrF)
+        assert row[-1] == "memory, checkpoint, train time", row
+    assert "no paired test, and the report makes no method-selection claim here" in mt
+    assert "Which method to choose: translate_en_es" not in md
+    assert [line for line in md.splitlines() if line.startswith("## ")] == [
+        "## trec · minilm · none", "## trec_instruct · minilm · none · label_match",
+        "## translate_en_es · minilm · none · chrf_bleu", "## Sweeps", "## Provenance"]
+    assert "[translate_en_es · minilm · none · chrf_bleu](#translate_en_es--minilm--none--chrf_bleu)" in md
+    assert "| n=1 (0) | 70.0 % |" in _section(md, "trec_instruct · minilm · none · label_match")
+    sweep = next(line for line in md.splitlines() if line.startswith("| mt |"))
+    assert f"maximize {M.VAL_CHRF}" in sweep and "| 41 | chrF 40.2 (`test/chrf`) | 1 | `method.r=8` |" in sweep
+    assert "- Runs: 11 (1 FAILED, 10 FINISHED); 3 in the method tables, 4 in the chrF / BLEU tables, 3 sweep " \
+           "runs, 0 FINISHED runs superseded by a later run with the same settings and seed, 0 FINISHED runs of " \
+           "the old protocol." in md
+    assert "Old protocol" not in md
+    assert "Computed by `python -m bench.report` from 7 finished runs" in md
 
 
 def test_empty_or_unknown_experiment_is_one_line_and_nonzero(tmp_path, capsys):

@@ -18,16 +18,21 @@ from bench.orchestration.result import Result
 
 
 def table(results: list[Result]) -> Table:
+    """One row per run; translation (chrf_bleu) runs have no accuracy, so where one is listed the table adds their
+    own figures, test chrF and best validation chrF (the selection score)."""
     t = Table(title="peft-bench summary")
-    for col in ("run", "status", "test acc", "best val acc", "train growth", "peak train mem", "train time",
-                "checkpoint", "trainable %"):
-        t.add_column(col, justify="left" if col in ("run", "status") else "right")
+    chrf = any(M.TEST_CHRF in r.metrics for r in results)
+    for col in ("run", "status", "test acc", "best val acc", *(("test chrF", "best val chrF") if chrf else ()),
+                "train growth", "peak train mem", "train time", "checkpoint", "trainable %"):
+        t.add_column(col, justify="left" if col in ("run", "status") else "right",
+                     overflow="fold" if col == "run" else "ellipsis")   # a narrow table wraps run names, never cuts
     for r in results:
         m = r.metrics
         fmt = lambda key, f: f(m[key]) if key in m else "-"  # noqa: E731
         status = f"{r.status} (skipped)" if r.skipped else r.status
+        scores = (fmt(M.TEST_CHRF, lambda v: f"{v:.1f}"), fmt(M.VAL_BEST_CHRF, lambda v: f"{v:.1f}")) if chrf else ()
         t.add_row(r.name, status, fmt(M.TEST_ACCURACY, lambda v: f"{v:.4f}"),
-                  fmt(M.VAL_BEST_ACCURACY, lambda v: f"{v:.4f}"),
+                  fmt(M.VAL_BEST_ACCURACY, lambda v: f"{v:.4f}"), *scores,
                   human_bytes(m.get(M.MEM_TRAIN_GROWTH)), human_bytes(m.get(M.MEM_PEAK_TRAIN)),
                   fmt(M.TIME_TRAIN, lambda v: f"{v:.1f} s"), human_bytes(m.get(M.CKPT_BYTES)),
                   fmt(M.PARAMS_TRAINABLE_PCT, lambda v: f"{v:.3f}"))

@@ -1,5 +1,6 @@
 """The report's Markdown: per task × model × quant a table, plots and the method-selection answer
-(bench/report/selection.py); then sweeps and provenance (bench/report/provenance.py). Everything here is a
+(bench/report/selection.py), and for chrf_bleu runs a table of chrF and BLEU (no selection: no per-example
+verdicts); then sweeps and provenance (bench/report/provenance.py). Everything here is a
 function of the runs alone (stable order, no generation time). The wording rules: bench/report/wording.py;
 the definitions: bench/report/stats.py, told to the reader in HOW_TO_READ.
 """
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from bench.core import metrics as M
 from bench.fmt import human_bytes
-from bench.report.data import ACCURACY, Data, Group
+from bench.report.data import ACCURACY, CLASSIFICATION, SCORES, Data, Group, ScoreGroup
 from bench.report.provenance import provenance
 from bench.report.selection import selection
 from bench.report.stats import N_RESAMPLES, RESOLUTION
@@ -46,31 +47,88 @@ HOW_TO_READ = (
     "strictly. Against full fine-tuning (`method=full`, the reference row in bold, when present) accuracy "
     "differs in points and costs as ratios (×).")
 
+# the figures only some kinds of run report (data.OPTIONAL): column head and format, and what they mean
+OPTIONAL_COLUMNS = {
+    M.TEST_INVALID_RATE: ("invalid answers", lambda v: f"{100 * v:.1f} %"),
+    M.FORGET_LOSS_DELTA: ("forgetting: Δ LM loss", lambda v: f"{v:+.3f}"),
+    M.FORGET_EMBEDDING_COSINE: ("forgetting: embedding cosine", lambda v: f"{v:.4f}"),
+}
+SCORE_HEADS = {M.TEST_CHRF: "test chrF", M.TEST_BLEU: "test BLEU"}
+
+
+def _generative_note(data: Data) -> list[str]:
+    """What the generative groups and the optional columns mean; nothing when the report has neither."""
+    kinds = {g.kind for g in data.groups} | {g.kind for g in data.score_groups}
+    shown = {m for g in [*data.groups, *data.score_groups] for m in g.optional()}
+    parts = []
+    if "label_match" in kinds:
+        parts.append(
+            "Groups titled `… · label_match` are generative tasks: the model generates its answer (greedy) and "
+            f"`{ACCURACY}` is the fraction of test examples whose normalized first generated line is the label "
+            "word; intervals, paired tests (on each example's verdict, the `score` column of its "
+            f"`{M.PREDICTIONS_ARTIFACT}`) and the selection read as above.")
+    if M.TEST_INVALID_RATE in shown:
+        parts.append(f"*Invalid answers* (`{M.TEST_INVALID_RATE}`): the fraction of test examples whose first "
+                     "line is none of the task's label words (counted wrong).")
+    if "chrf_bleu" in kinds:
+        parts.append("Groups titled `… · chrf_bleu` (translation) have no accuracy: their tables show sacreBLEU's "
+                     f"corpus chrF and BLEU (`{M.TEST_CHRF}`, `{M.TEST_BLEU}`, 0–100) instead, explained there.")
+    forgetting = [text for metric, text in (
+        (M.FORGET_LOSS_DELTA, f"*Δ LM loss* (`{M.FORGET_LOSS_DELTA}`, generative tasks) is the mean token "
+                              "cross-entropy of the sample under the trained model minus under the base model (0: "
+                              "nothing forgotten; lower is better)"),
+        (M.FORGET_EMBEDDING_COSINE, f"*embedding cosine* (`{M.FORGET_EMBEDDING_COSINE}`, classifiers) is the mean "
+                                    "cosine similarity of the backbone's mean-pooled last hidden states on the "
+                                    "sample before and after training (1: unchanged)")) if metric in shown]
+    if forgetting:
+        parts.append("*Forgetting*, on a fixed WikiText-2 sample no task trains on (means over the seeds that "
+                     "measured it): " + "; ".join(forgetting) + ".")
+    if not parts:
+        return []
+    head = "Generative tasks and forgetting" if kinds - {CLASSIFICATION} else "Forgetting"
+    return [f"**{head}.** " + " ".join(parts), ""]
+
+
+def _optional_cells(group, row) -> list[str]:
+    return ["-" if row.means[m] is None else OPTIONAL_COLUMNS[m][1](row.means[m]) for m in group.optional()]
+
+
+def _cost_cells(group, row, rm: dict) -> list[str]:
+    """trainable %, memory, train time, checkpoint, throughput (against the reference's `rm` as ratios)."""
+    m = row.means
+    memory = [group.memory_metric] if group.cuda else [M.MEM_TRAIN_GROWTH, M.MEM_PEAK_TRAIN]
+    tp, tput = m[M.PARAMS_TRAINABLE_PCT], m[M.THROUGHPUT_TOKENS]
+    return ["-" if tp is None else f"{tp:.3g}",
+            *(mib(m[k]) + ratio(m[k], rm.get(k)) for k in memory),
+            secs(m[M.TIME_TRAIN]) + ratio(m[M.TIME_TRAIN], rm.get(M.TIME_TRAIN)),
+            human_bytes(m[M.CKPT_BYTES]) + ratio(m[M.CKPT_BYTES], rm.get(M.CKPT_BYTES)),
+            "-" if tput is None else f"{tput:,.0f} tok/s"]
+
+
+def _memory_head(group) -> list[str]:
+    return ["peak train (allocated)"] if group.cuda else ["train growth", "peak train (process)"]
+
+
+def _header(head: list[str]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
 
 
 # --- the table ----------------------------------------------------------------------------------------------
 def _table(group: Group) -> list[str]:
     ref = group.reference
-    memory = [group.memory_metric] if group.cuda else [M.MEM_TRAIN_GROWTH, M.MEM_PEAK_TRAIN]
-    memory_head = ["peak train (allocated)"] if group.cuda else ["train growth", "peak train (process)"]
     head = (["method", "seeds", "test accuracy (seeds, 95 % CI)", "test sampling (Wilson 95 %)"]
             + (["Δ test accuracy vs full"] if ref is not None else [])
-            + ["trainable %", *memory_head, "train time", "checkpoint", "throughput", "Pareto frontier"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
+            + ["trainable %", *_memory_head(group), "train time", "checkpoint", "throughput"]
+            + [OPTIONAL_COLUMNS[m][0] for m in group.optional()] + ["Pareto frontier"])
+    lines = _header(head)
     for row in group.rows:
-        m, is_ref = row.means, row is ref
+        is_ref = row is ref
         rm = ref.means if ref is not None and not is_ref else {}
         delta = [] if ref is None else [
             "reference" if is_ref else pt(row.accuracy.mean - ref.accuracy.mean)]
-        tp, tput = m[M.PARAMS_TRAINABLE_PCT], m[M.THROUGHPUT_TOKENS]
         cells = [f"**{row.label}**" if is_ref else row.label,
                  f"n={row.accuracy.n} ({', '.join(row.seeds)})",
-                 acc(row), sampling(row), *delta,
-                 "-" if tp is None else f"{tp:.3g}",
-                 *(mib(m[k]) + ratio(m[k], rm.get(k)) for k in memory),
-                 secs(m[M.TIME_TRAIN]) + ratio(m[M.TIME_TRAIN], rm.get(M.TIME_TRAIN)),
-                 human_bytes(m[M.CKPT_BYTES]) + ratio(m[M.CKPT_BYTES], rm.get(M.CKPT_BYTES)),
-                 "-" if tput is None else f"{tput:,.0f} tok/s",
+                 acc(row), sampling(row), *delta, *_cost_cells(group, row, rm), *_optional_cells(group, row),
                  ", ".join(row.pareto) or "-"]
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return lines
@@ -79,9 +137,10 @@ def _table(group: Group) -> list[str]:
 def _group_section(group: Group, plot: str | None) -> list[str]:
     figure = (f"`{M.MEM_PEAK_TRAIN}` (peak allocated)" if group.cuda
               else f"`{M.MEM_TRAIN_GROWTH}` (train growth; CPU)")
-    lines = [f"## {group.title}", "", f"Task `{group.task}`, model `{group.model}`, quantization `{group.quant}`; "
-             f"{sum(r.accuracy.n for r in group.rows)} finished runs in {len(group.rows)} rows; memory figure "
-             f"that separates the methods: {figure}.", ""]
+    scorer = "" if group.kind == CLASSIFICATION else f", generative, scored by {group.kind}"
+    lines = [f"## {group.title}", "", f"Task `{group.task}`{scorer}, model `{group.model}`, quantization "
+             f"`{group.quant}`; {sum(r.accuracy.n for r in group.rows)} finished runs in {len(group.rows)} rows; "
+             f"memory figure that separates the methods: {figure}.", ""]
     if group.reference is None:
         lines += ["No full fine-tuning run (`method=full`) here, so there is no reference row and no deltas.", ""]
     lines += _table(group) + [""]
@@ -89,6 +148,54 @@ def _group_section(group: Group, plot: str | None) -> list[str]:
         lines += [f"![{group.title}: test accuracy against {memory_name(group)}, checkpoint size and train time]"
                   f"({plot})", ""]
     return lines + selection(group)
+
+
+# --- the score tables (chrf_bleu runs) -------------------------------------------------------------------------
+def _score(est) -> str:
+    if est is None:
+        return "-"
+    return f"{est.mean:.1f}" + (f" ± {est.half_width:.1f}" if est.half_width is not None else "")
+
+
+def _score_table(group: ScoreGroup) -> list[str]:
+    ref = group.reference
+    head = (["method", "seeds", *(f"{SCORE_HEADS[m]} (seeds, 95 % CI)" for m in SCORES)]
+            + ([f"Δ {SCORE_HEADS[SCORES[0]]} vs full"] if ref is not None else [])
+            + ["trainable %", *_memory_head(group), "train time", "checkpoint", "throughput"]
+            + [OPTIONAL_COLUMNS[m][0] for m in group.optional()] + ["Pareto frontier"])
+    lines = _header(head)
+    for row in group.rows:
+        is_ref = row is ref
+        rm = ref.means if ref is not None and not is_ref else {}
+        delta = [] if ref is None else [
+            "reference" if is_ref else f"{row.headline.mean - ref.headline.mean:+.1f}"]
+        cells = [f"**{row.label}**" if is_ref else row.label,
+                 f"n={row.headline.n} ({', '.join(row.seeds)})",
+                 *(_score(row.scores[m]) for m in SCORES), *delta, *_cost_cells(group, row, rm),
+                 *_optional_cells(group, row), ", ".join(row.pareto) or "-"]
+        lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
+    return lines
+
+
+def _score_section(group: ScoreGroup) -> list[str]:
+    figure = (f"`{M.MEM_PEAK_TRAIN}` (peak allocated)" if group.cuda
+              else f"`{M.MEM_TRAIN_GROWTH}` (train growth; CPU)")
+    chrf, bleu = SCORES
+    lines = [f"## {group.title}", "",
+             f"Task `{group.task}`, generative, scored by {group.kind}, model `{group.model}`, quantization "
+             f"`{group.quant}`; {sum(r.headline.n for r in group.rows)} finished runs in {len(group.rows)} rows; "
+             f"memory figure that separates the methods: {figure}.", "",
+             f"The headline is test chrF (`{chrf}`), then BLEU (`{bleu}`): sacreBLEU's corpus scores (0–100, "
+             "default settings) of each run's first generated lines against the references of the test split, "
+             "scored once at the end of the run; the mean over seeds ± the half-width of its 95 % confidence "
+             "interval (Student t), n=1 without one. They are corpus scores, not per-example verdicts, so this "
+             "table has no test-sampling interval and no paired test, and the report makes no method-selection "
+             "claim here: a gap within the seed intervals is not resolved. The other columns read as in the "
+             "accuracy tables; against full fine-tuning (bold, when present) chrF differs in points and costs as "
+             "ratios (×); the Pareto frontiers maximize test chrF.", ""]
+    if group.reference is None:
+        lines += ["No full fine-tuning run (`method=full`) here, so there is no reference row and no deltas.", ""]
+    return lines + _score_table(group) + [""]
 
 
 # --- sweeps -------------------------------------------------------------------------------------------------
@@ -105,8 +212,10 @@ def _sweeps_section(studies: list[Study], plots: dict[str, str]) -> list[str]:
         if s.best is not None:
             config = " ".join(f"{k}={s.best.settings.get(k, '-')}" for k in s.searched) or "(nothing varied)"
             test = s.best.test.get(ACCURACY)
-            best = (f"{s.best.value:.4g}", "-" if test is None else f"{pct(test)} %", str(s.best.number),
-                    f"`{config}`")
+            chrf = s.best.test.get(M.TEST_CHRF)   # a chrf_bleu study has no accuracy: its test chrF instead
+            shown = (f"{pct(test)} %" if test is not None else f"chrF {chrf:.1f} (`{M.TEST_CHRF}`)"
+                     if chrf is not None else "-")
+            best = (f"{s.best.value:.4g}", shown, str(s.best.number), f"`{config}`")
         else:
             best = ("-", "-", "-", "no finished trial")
         lines.append("| " + " | ".join(cell(c) for c in (
@@ -120,18 +229,22 @@ def _sweeps_section(studies: list[Study], plots: dict[str, str]) -> list[str]:
 
 
 def render(data: Data, studies: list[Study], group_plots: dict[str, str], sweep_plots: dict[str, str]) -> str:
-    finished = sum(r.accuracy.n for g in data.groups for r in g.rows)
+    finished = (sum(r.accuracy.n for g in data.groups for r in g.rows)
+                + sum(r.headline.n for g in data.score_groups for r in g.rows))
     exps = ", ".join(f"`{e}`" for e in data.experiments)
     lines = [f"# Which PEFT method? Report on {exps}", "",
              f"Computed by `python -m bench.report` from {finished} finished runs in the MLflow store "
-             f"`{data.uri}`. The same runs give the same report, byte for byte.", "", HOW_TO_READ, ""]
-    if not data.groups:
+             f"`{data.uri}`. The same runs give the same report, byte for byte.", "", HOW_TO_READ, "",
+             *_generative_note(data)]
+    if not data.groups and not data.score_groups:
         lines += [f"No FINISHED runs with `{ACCURACY}` outside sweeps: there is nothing to compare yet.", ""]
-    links = ([f"[{g.title}](#{_anchor(g.title)})" for g in data.groups] + (["[Sweeps](#sweeps)"] if studies else [])
-             + ["[Provenance](#provenance)"])
+    links = ([f"[{g.title}](#{_anchor(g.title)})" for g in [*data.groups, *data.score_groups]]
+             + (["[Sweeps](#sweeps)"] if studies else []) + ["[Provenance](#provenance)"])
     lines += ["Contents: " + ", ".join(links) + ".", ""]
     for g in data.groups:
         lines += _group_section(g, group_plots.get(g.slug))
+    for g in data.score_groups:
+        lines += _score_section(g)
     if studies:
         lines += _sweeps_section(studies, sweep_plots)
     lines += provenance(data)

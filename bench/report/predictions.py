@@ -1,6 +1,9 @@
 """Per-example test predictions (the artifact metrics.PREDICTIONS_ARTIFACT of every finished run: int columns
 `index`, `label`, `prediction`) and what the report builds on them: which examples a run got right, and the paired
-test of two rows on the same examples (definitions: bench/report/stats.py).
+test of two rows on the same examples (definitions: bench/report/stats.py). A generative label_match run's file
+also has `score` (1.0: its normalized first line equals the reference): that verdict is the example's, since its
+`label` is -1 for a reference outside the task's answers and its `prediction` -1 for an invalid answer, and
+-1 = -1 would count as right.
 
 Where the artifact is read from: a local artifact location (a plain path, a `file:` URI, or `mlflow-artifacts:`
 served from an `mlartifacts/` folder next to the SQLite store or in the working directory) is checked with one
@@ -23,6 +26,7 @@ from bench.core.metrics import PREDICTIONS_ARTIFACT
 from bench.report.stats import PairedTest, mcnemar_test, paired_bootstrap
 
 COLUMNS = ["index", "label", "prediction"]
+SCORE = "score"   # label_match runs only (module doc)
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,12 @@ class Answers:
 
     @classmethod
     def from_columns(cls, index, label, prediction) -> "Answers":
+        return cls.from_verdicts(index, np.asarray(prediction) == np.asarray(label))
+
+    @classmethod
+    def from_verdicts(cls, index, correct) -> "Answers":
         index, first = np.unique(np.asarray(index), return_index=True)   # sorted; a repeated id counts once
-        return cls(index, (np.asarray(prediction) == np.asarray(label))[first])
+        return cls(index, np.asarray(correct, dtype=bool)[first])
 
     def on(self, examples: np.ndarray) -> np.ndarray:
         """`correct` for these examples (a sorted subset of `index`)."""
@@ -73,7 +81,11 @@ def read_answers(path: Path) -> Answers | None:
     files, and imported only when a file is there."""
     import pyarrow.parquet as pq
     try:
-        table = pq.read_table(path, columns=COLUMNS, use_threads=False)
+        found = pq.ParquetFile(path)
+        graded = SCORE in found.schema_arrow.names   # a generative label_match run (module doc)
+        table = found.read(columns=COLUMNS + [SCORE] if graded else COLUMNS, use_threads=False)
+        if graded:
+            return Answers.from_verdicts(table.column("index").to_numpy(), table.column(SCORE).to_numpy() == 1.0)
         return Answers.from_columns(*(table.column(c).to_numpy() for c in COLUMNS))
     except Exception:
         return None

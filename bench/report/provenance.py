@@ -45,12 +45,14 @@ def provenance(data: Data) -> list[str]:
     runs = data.runs
     status = Counter(r.status for r in runs)
     in_tables = sum(r.accuracy.n for g in data.groups for r in g.rows)
+    in_scores = sum(r.headline.n for g in data.score_groups for r in g.rows)
+    scores = f", {in_scores} in the chrF / BLEU tables" if in_scores else ""
     ends = [r.end_time for r in runs if r.end_time]
     lines = ["## Provenance", "",
              f"- Store: `{data.uri}`; experiment{'s' if len(data.experiments) > 1 else ''} "
              f"{', '.join(f'`{e}`' for e in data.experiments)}.",
              f"- Runs: {len(runs)} ({', '.join(f'{n} {s}' for s, n in sorted(status.items()))}); "
-             f"{in_tables} in the method tables, {len(data.sweep_runs)} sweep runs, "
+             f"{in_tables} in the method tables{scores}, {len(data.sweep_runs)} sweep runs, "
              f"{len(data.superseded)} FINISHED runs superseded by a later run with the same settings and seed, "
              f"{len(data.old_protocol)} FINISHED runs of the old protocol.",
              f"- Dates (UTC): first run started {date(runs[0].start_time)}, last run ended "

@@ -15,10 +15,15 @@ from bench.fmt import error_line
 
 # settings that do not change what a run measures (where it logs, how often it evaluates, how it is launched)
 IGNORED_PARAMS = {"seed", "rerun", "device", "train.isolate", "train.threads", "train.log_every", "train.eval_every",
-                  "train.eval_batch_size", "method.lr"}  # method.lr: only a default; train.lr is what trains
+                  "train.eval_batch_size", "method.lr",   # method.lr: only a default; train.lr is what trains
+                  "forgetting"}   # forget/* figures or none; the run's other figures are the same
 # method.peft.*: stores written before each knob had one name (method YAMLs with a `peft:` block) repeat the
 # method's knobs there; what the run depends on is in the method's own keys
 IGNORED_PREFIXES = ("tracking.", "method.peft.")
+# the generative tasks' keys (conf/task/_splits.yaml: kind; _generation.yaml, which task=local and task=hf list too):
+# a classification run does not read them, and runs logged before them (no task.kind) were classification runs
+GENERATIVE_KEYS = {"task.kind", "task.template", "task.max_new_tokens", "task.scorer", "task.instruction",
+                   "task.instruction_column", "task.input_column", "task.output_column", "task.label_words"}
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,9 @@ def _read_sqlite(store: Path, uri: str, experiments: list[str]) -> list[RunRecor
 
 def run_settings(run: RunRecord) -> dict[str, str]:
     """What a run's figures depend on: its config (params) and, for memory and time, the hardware it ran on."""
-    settings = {k: v for k, v in run.params.items() if k not in IGNORED_PARAMS and not k.startswith(IGNORED_PREFIXES)}
+    ignored = IGNORED_PARAMS | (GENERATIVE_KEYS if run.params.get("task.kind", "classification") == "classification"
+                                else set())
+    settings = {k: v for k, v in run.params.items() if k not in ignored and not k.startswith(IGNORED_PREFIXES)}
     if "device_name" in run.tags:
         settings["hardware"] = run.tags["device_name"]
     return settings
