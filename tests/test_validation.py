@@ -29,8 +29,9 @@ CASES = [
      r"^method: unknown choice 'loraa'; valid: (\w+, )*adapter, adapter_parallel, adapter_pfeiffer, .*lora.*vera$"),
     ("unknown model", ["model=bert", "model.name_or_path={tiny_bert}"],
      r"^model: unknown choice 'bert'; valid: hf, minilm, smollm2$"),
-    ("unknown task", ["task=imdb"], r"^task: unknown choice 'imdb'; valid: finefoods, hf, local, rotten_tomatoes, rotten_tomatoes_instruct, "
-     r"translate_en_es, trec, trec_instruct$"),
+    ("unknown task", ["task=imdb"],
+     r"^task: unknown choice 'imdb'; valid: finefoods, finefoods_instruct, hf, local, rotten_tomatoes, "
+     r"rotten_tomatoes_instruct, translate_en_es, trec, trec_instruct$"),
     ("unknown quant", ["quant=fp8"], r"^quant: unknown choice 'fp8'; valid: int8, nf4, none$"),
     ("unknown key", ["method.rank=8"], r"^Could not override 'method.rank'.*Key 'rank' is not in struct"),
     ("rank 0", ["method.r=0"], r"^method.r: must be a number > 0, got 0$"),
