@@ -206,6 +206,7 @@ def test_tiny_random_llama_forced_to_a_word_scores_by_label_match(llama_cfg, met
     assert (frame["score"] == accuracy).all()
 
 
+@pytest.mark.slow
 def test_tiny_random_llama_on_trec_instruct_forced_to_location_scores_the_class_share(tiny_llama_dir, tmp_path):
     """trec_instruct (TREC-6 posed as an instruction): the answers are its label words, the references the test
     questions' words; a model that always says "location" is right exactly on the LOC questions, never invalid."""
@@ -231,7 +232,8 @@ def test_tiny_random_llama_on_trec_instruct_forced_to_location_scores_the_class_
 
 # --- 3. forgetting's "before" ---------------------------------------------------------------------------------
 
-BEFORE_METHODS = ["lora", "ia3", "prompt", "prefix", "ptuning", "adapter", "full", "freeze"]
+BEFORE_METHODS = ["lora", "prompt", "prefix",   # the fast subset; the whole suite adds the rest
+                  *(pytest.param(m, marks=pytest.mark.slow) for m in ("ia3", "ptuning", "adapter", "full", "freeze"))]
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +278,11 @@ def test_tiny_random_llama_forgetting_before_is_the_base_models_loss(llama_cfg, 
 
 # --- 4. left padding --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
+# the fast subset keeps one case of each kind; the rest run in the whole suite (pytest -m "not slow" stays < 5 min)
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", pytest.param("prefix", marks=SLOW)])
 def test_tiny_random_llama_left_padded_batch_generates_what_one_at_a_time_does(llama_cfg, monkeypatch, method):
     """Greedy generation of prompts of different lengths in one left-padded batch gives, string for string, what
     each prompt alone gives (the tiny random model is deterministic); the batch really was padded, on the left. And
@@ -326,7 +332,7 @@ class StubLog:
         self.points.extend(points)
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("prompt", marks=SLOW)])
 def test_tiny_random_t5_trains_seq2seq_and_reloads(tiny_t5_dir, instruct_files, tmp_path, short_sample, monkeypatch,
                                                    method):
     """The tiny T5 trains a few seq2seq steps under `method` through pipeline.run (forgetting on: the
