@@ -114,24 +114,29 @@ def _header(head: list[str]) -> list[str]:
 
 
 # --- the table ----------------------------------------------------------------------------------------------
-def _table(group: Group) -> list[str]:
+def _method_table(group, n, score_head: list[str], scores, delta_head: str, delta) -> list[str]:
+    """The one layout of both kinds of table: method, seeds, the scores, Δ against full, the costs, the optional
+    columns, the Pareto frontier. n(row): its seed count; scores(row): its score cells; delta(row, ref): its Δ."""
     ref = group.reference
-    head = (["method", "seeds", "test accuracy (seeds, 95 % CI)", "test sampling (Wilson 95 %)"]
-            + (["Δ test accuracy vs full"] if ref is not None else [])
+    head = (["method", "seeds", *score_head] + ([delta_head] if ref is not None else [])
             + ["trainable %", *_memory_head(group), "train time", "checkpoint", "throughput"]
             + [OPTIONAL_COLUMNS[m][0] for m in group.optional()] + ["Pareto frontier"])
     lines = _header(head)
     for row in group.rows:
         is_ref = row is ref
         rm = ref.means if ref is not None and not is_ref else {}
-        delta = [] if ref is None else [
-            "reference" if is_ref else pt(row.accuracy.mean - ref.accuracy.mean)]
-        cells = [f"**{row.label}**" if is_ref else row.label,
-                 f"n={row.accuracy.n} ({', '.join(row.seeds)})",
-                 acc(row), sampling(row), *delta, *_cost_cells(group, row, rm), *_optional_cells(group, row),
-                 ", ".join(row.pareto) or "-"]
+        cells = [f"**{row.label}**" if is_ref else row.label, f"n={n(row)} ({', '.join(row.seeds)})", *scores(row),
+                 *([] if ref is None else ["reference" if is_ref else delta(row, ref)]),
+                 *_cost_cells(group, row, rm), *_optional_cells(group, row), ", ".join(row.pareto) or "-"]
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return lines
+
+
+def _table(group: Group) -> list[str]:
+    return _method_table(group, lambda row: row.accuracy.n,
+                         ["test accuracy (seeds, 95 % CI)", "test sampling (Wilson 95 %)"],
+                         lambda row: [acc(row), sampling(row)], "Δ test accuracy vs full",
+                         lambda row, ref: pt(row.accuracy.mean - ref.accuracy.mean))
 
 
 def _group_section(group: Group, plot: str | None) -> list[str]:
@@ -158,23 +163,9 @@ def _score(est) -> str:
 
 
 def _score_table(group: ScoreGroup) -> list[str]:
-    ref = group.reference
-    head = (["method", "seeds", *(f"{SCORE_HEADS[m]} (seeds, 95 % CI)" for m in SCORES)]
-            + ([f"Δ {SCORE_HEADS[SCORES[0]]} vs full"] if ref is not None else [])
-            + ["trainable %", *_memory_head(group), "train time", "checkpoint", "throughput"]
-            + [OPTIONAL_COLUMNS[m][0] for m in group.optional()] + ["Pareto frontier"])
-    lines = _header(head)
-    for row in group.rows:
-        is_ref = row is ref
-        rm = ref.means if ref is not None and not is_ref else {}
-        delta = [] if ref is None else [
-            "reference" if is_ref else f"{row.headline.mean - ref.headline.mean:+.1f}"]
-        cells = [f"**{row.label}**" if is_ref else row.label,
-                 f"n={row.headline.n} ({', '.join(row.seeds)})",
-                 *(_score(row.scores[m]) for m in SCORES), *delta, *_cost_cells(group, row, rm),
-                 *_optional_cells(group, row), ", ".join(row.pareto) or "-"]
-        lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
-    return lines
+    return _method_table(group, lambda row: row.headline.n, [f"{SCORE_HEADS[m]} (seeds, 95 % CI)" for m in SCORES],
+                         lambda row: [_score(row.scores[m]) for m in SCORES], f"Δ {SCORE_HEADS[SCORES[0]]} vs full",
+                         lambda row, ref: f"{row.headline.mean - ref.headline.mean:+.1f}")
 
 
 def _score_section(group: ScoreGroup) -> list[str]:
