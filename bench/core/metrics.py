@@ -26,9 +26,9 @@ UNITS = ("", "bytes", "s", "count", "step", "tokens", "%", "tokens/s", "samples/
 # validation / test: scores on that split; train: the training loop's own figures; run: what the run cost
 # (memory, time, checkpoint, parameters, throughput), measured on the run itself, not on held-out data
 PHASES = ("validation", "test", "train", "run", "forgetting")   # forgetting: on a fixed text sample no task uses
-DIRECTIONS = ("max", "min", None)
+DIRECTIONS = ("max", "min", None)   # which way is better; None: neither (a step, a count, a reference size)
 # the kinds of run: a classification task, or a generative task by its scorer (bench/core/generation.py: SCORERS)
-RUN_KINDS = ("classification", "label_match", "chrf_bleu")   # which way is better; None: neither (a step, a count, a reference size)
+RUN_KINDS = ("classification", "label_match", "chrf_bleu")
 VAL_PREFIX, TEST_PREFIX = "val/", "test/"   # the names of the validation and the test scores
 OLD_VAL_PREFIX = "eval/"   # the validation scores' names before the validation/test protocol (run key version 2)
 
