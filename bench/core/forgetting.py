@@ -44,23 +44,19 @@ def _batches(tokenizer, texts, device):
         yield {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
-@torch.no_grad()
 def lm_loss(model, tokenizer, family: str, device, texts=None) -> float:
     """Mean token cross-entropy of the sample under the model (see the module doc)."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in _batches(tokenizer, texts or sample_texts(), device):
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        if family == "encoder-decoder":
-            n = int((labels != -100).sum())
-            source = torch.full((len(labels), 1), tokenizer.eos_token_id, device=device)
-            loss = model(input_ids=source, attention_mask=torch.ones_like(source), labels=labels).loss
-        else:
-            n = int((labels[:, 1:] != -100).sum())  # the first token of a text is not predicted
-            loss = model(**batch, labels=labels).loss
-        total += loss.item() * n
-        count += n
-    return total / count
+    from bench.core.generation import token_loss
+
+    def batches():
+        for batch in _batches(tokenizer, texts or sample_texts(), device):
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            if family == "encoder-decoder":  # the decoder predicts the text from an empty source
+                source = torch.full((len(labels), 1), tokenizer.eos_token_id, device=device)
+                yield {"input_ids": source, "attention_mask": torch.ones_like(source), "labels": labels}
+            else:
+                yield {**batch, "labels": labels}
+    return token_loss(model, batches(), family)
 
 
 @torch.no_grad()

@@ -202,19 +202,26 @@ def score_chrf_bleu(generations: list[str], references: list[str], split: str):
 
 
 @torch.no_grad()
-def response_loss(model, ds, collate_fn, batch_size: int, device, family: str) -> float:
-    """Mean cross-entropy per response token (teacher forcing; prompt and padding masked), over the whole split."""
+def token_loss(model, batches, family: str) -> float:
+    """Mean cross-entropy per labelled token (labels -100 masked) over `batches`, weighted by tokens. A decoder-only
+    model predicts each token from those before it (its own loss shifts the labels), so a sequence's first label is
+    never counted. Used by response_loss and by the forgetting loss (bench/core/forgetting.py)."""
     model.eval()
-    rows = ds.to_list()
-    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
     total, count = 0.0, 0
-    for i in range(0, len(order), batch_size):
-        batch = collate_fn([rows[j] for j in order[i:i + batch_size]], device)
+    for batch in batches:
         labels = batch["labels"] if family == "encoder-decoder" else batch["labels"][:, 1:]  # causal: shifted
         n = int((labels != -100).sum())
         total += model(**batch).loss.item() * n
         count += n
     return total / max(count, 1)
+
+
+def response_loss(model, ds, collate_fn, batch_size: int, device, family: str) -> float:
+    """Mean cross-entropy per response token (teacher forcing; prompt and padding masked), over the whole split."""
+    rows = ds.to_list()
+    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
+    return token_loss(model, (collate_fn([rows[j] for j in order[i:i + batch_size]], device)
+                              for i in range(0, len(order), batch_size)), family)
 
 
 def evaluate(model, ds, tokenizer, *, family: str, scorer: str, answers, batch_size: int, max_new_tokens: int,
