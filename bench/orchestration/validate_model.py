@@ -53,10 +53,8 @@ def check_model(cfg) -> None:
                          f"modules: {children}")
     if kind == "generation":
         _check_chat_template(cfg, source)
-    if cfg.method.kind in methods.PARTIAL_KINDS:
-        if not methods.trainable_names(model, cfg.method, cfg.model):  # trainable_layers in range, blocks found
-            raise BenchError(f"method={cfg.method.name}: nothing of {type(model).__name__} would train (a language "
-                             "model has no new head); valid here: freeze, full or a peft method")
+    if cfg.method.kind in methods.PARTIAL_KINDS:  # trainable_layers in range, blocks / biases found, not nothing
+        methods.trainable_names(model, cfg.method, cfg.model)
     if cfg.method.kind != "peft":
         return
     try:

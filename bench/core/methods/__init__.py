@@ -68,6 +68,14 @@ def _bias_names(model, head_modules) -> list[str]:
 
 def trainable_names(model, method_cfg, model_cfg) -> set[str]:
     """The parameters that train under a partial kind (head, freeze, bitfit); works on a meta-device model too."""
+    names = _partial_names(model, method_cfg, model_cfg)
+    if not names:
+        raise BenchError(f"method={method_cfg.name}: nothing of {type(model).__name__} would train (a language model "
+                         "has no new head); valid here: freeze, full or a peft method")
+    return names
+
+
+def _partial_names(model, method_cfg, model_cfg) -> set[str]:
     head = {n for n, _ in model.named_parameters() if _is_head(n, model_cfg.head_modules)}
     if method_cfg.kind == "head":
         return head
@@ -171,9 +179,6 @@ def _apply_full(model, method_cfg, model_cfg, task_type):
 
 def _apply_partial(model, method_cfg, model_cfg, task_type):
     train = trainable_names(model, method_cfg, model_cfg)
-    if not train:
-        raise BenchError(f"method={method_cfg.name}: nothing of {type(model).__name__} would train (a language model "
-                         "has no new head); valid here: freeze, full or a peft method")
     for name, p in model.named_parameters():
         p.requires_grad_(name in train)
     return model
