@@ -129,7 +129,10 @@ def test_groups_derive_from_the_registry():
     assert M.TRAIN_LR not in M.RUN and not {M.MEM_PEAK_TRAIN_RESERVED, M.MEM_PEAK_EVAL_RESERVED} & set(M.RUN)
     assert set(M.RUN) == {n for n, m in M.REGISTRY.items() if m.final and not m.cuda_only}
     # each kind of run reports its own figures; together they are RUN; every kind reports the costs
-    assert set(M.RUN) == {n for kind in M.RUN_KINDS for n in M.run_names(kind)}
+    assert set(M.RUN) == {n for kind in M.RUN_KINDS for n in M.run_names(kind, merged=True)}
+    assert set(M.run_names("classification", merged=True)) - set(classification) == set(M.names(merged_only=True)) & {
+        M.TEST_ACCURACY_MERGED, M.MERGE_ACCURACY_DELTA, *(n for n in M.DEPLOYMENT if n.startswith("latency/merged") and "per_token" not in n)}
+    assert not any(n.startswith("latency/") for n in M.run_names("classification", deploy=False))
     label_match, chrf_bleu = set(M.run_names("label_match")), set(M.run_names("chrf_bleu"))
     assert {M.FORGET_EMBEDDING_COSINE, M.TEST_F1_MACRO, M.VAL_BEST_ACCURACY} <= set(classification)
     assert not {M.TEST_INVALID_RATE, M.TEST_CHRF, M.FORGET_LOSS_DELTA} & set(classification)
@@ -179,13 +182,14 @@ def test_sweep_objectives_and_their_default_direction_come_from_the_registry(tmp
 
 
 def test_a_tiny_run_logs_exactly_the_registry(tiny_overrides, tmp_path):
-    """result.metrics of a classification run holds every metric of run_names("classification") and nothing else;
+    """result.metrics of a LoRA classification run holds every metric of run_names("classification", merged=True)
+    (LoRA merges) and nothing else;
     the MLflow run holds every registry metric a CPU classification run can log (those plus the step-history-only
     train/lr), and the `history` ones have several steps."""
     cfg = compose("method=lora", *tiny_overrides)
     result = run_job(cfg, tmp_path / "job")
     assert result.status == "FINISHED"
-    expected = set(M.run_names("classification"))
+    expected = set(M.run_names("classification", merged=True))
     assert set(result.metrics) == expected, {"not logged": expected - set(result.metrics),
                                              "not in run_names('classification')": set(result.metrics) - expected}
     client = MlflowClient(tracking_uri=cfg.tracking.uri)

@@ -161,6 +161,13 @@ CASES = [
      r"^method=adapter_parallel: peft rejects it on BertForSequenceClassification: Linear: this bottleneck adapter "
      r"\(is_parallel=True, original_ln_before=False\) reads the sublayer's residual input, which this module does "
      r"not see; target the sublayer-output module instead"),
+    ("train_per_class with max_train_samples", ["task.train_per_class=8", "task.max_train_samples=100"],
+     r"^task.train_per_class=8 with task.max_train_samples=100: two ways to cut the training split"),
+    ("train_per_class not an integer", ["task.train_per_class=2.5"],
+     r"^task.train_per_class: must be an integer >= 1 \(examples per class\) or null, got 2.5$"),
+    ("train_per_class without classes", ["task=translate_en_es", "model=smollm2", "task.train_per_class=8"],
+     r"^task.train_per_class: task translate_en_es has no classes"),
+    ("deploy repeats 0", ["deploy.repeats=0"], r"^deploy.repeats: must be a number > 0, got 0$"),
 ]
 NOT_COMPOSABLE = {"unknown method", "unknown model", "unknown task", "unknown quant", "unknown key"}
 # run as real `python -m bench` commands too (the rest stay in-process to keep the suite fast)

@@ -141,7 +141,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, family: str, max_new
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if family == "encoder-decoder":
-        config.decoder_start_token_id = _decoder_start(model)
+        config.decoder_start_token_id = decoder_start(model)
     order = np.argsort([len(p) for p in prompts], kind="stable")
     texts: list[str] = [""] * len(prompts)
     side = "right" if family == "encoder-decoder" else "left"
@@ -157,7 +157,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, family: str, max_new
     return texts
 
 
-def _decoder_start(model) -> int:
+def decoder_start(model) -> int:
     config = getattr(model, "config", None) or model.get_base_model().config
     start = getattr(config, "decoder_start_token_id", None)
     return start if start is not None else config.pad_token_id

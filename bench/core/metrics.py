@@ -22,10 +22,11 @@ from pathlib import Path
 
 import yaml
 
-UNITS = ("", "bytes", "s", "count", "step", "tokens", "%", "tokens/s", "samples/s")   # "": a plain number
+UNITS = ("", "bytes", "s", "count", "step", "tokens", "%", "tokens/s", "samples/s", "ms")   # "": a plain number
 # validation / test: scores on that split; train: the training loop's own figures; run: what the run cost
 # (memory, time, checkpoint, parameters, throughput), measured on the run itself, not on held-out data
-PHASES = ("validation", "test", "train", "run", "forgetting")   # forgetting: on a fixed text sample no task uses
+# forgetting: on a fixed text sample no task uses; deployment: the trained model's inference cost, after the test
+PHASES = ("validation", "test", "train", "run", "forgetting", "deployment")
 DIRECTIONS = ("max", "min", None)   # which way is better; None: neither (a step, a count, a reference size)
 # the kinds of run: a classification task, or a generative task by its scorer (bench/core/generation.py: SCORERS)
 RUN_KINDS = ("classification", "label_match", "chrf_bleu")
@@ -50,6 +51,7 @@ class Metric:
     final: bool = True       # in the run's final metrics (Result.metrics, result.json); False: a step history only
     cuda_only: bool = False  # logged only by runs on a CUDA device
     runs: tuple = RUN_KINDS  # the kinds of run that log it (RUN_KINDS)
+    merged_only: bool = False  # logged only by methods peft can merge (bench/core/deploy.py: merged_copy)
 
     def __post_init__(self):
         prefix = {"validation": VAL_PREFIX, "test": TEST_PREFIX}.get(self.phase)
@@ -68,7 +70,7 @@ class Metric:
             problems.append(f"runs {self.runs!r} is not a non-empty list of {RUN_KINDS}")
         else:
             object.__setattr__(self, "runs", tuple(self.runs))
-        for flag in ("history", "final", "cuda_only"):
+        for flag in ("history", "final", "cuda_only", "merged_only"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"{flag} {getattr(self, flag)!r} is not true or false")
         if problems:
@@ -141,9 +143,11 @@ _DECLARED = load()
 REGISTRY: dict[str, Metric] = _register(_DECLARED)
 
 
-def run_names(kind: str) -> tuple[str, ...]:
-    """What a finished CPU run of this kind (RUN_KINDS) reports, in declaration order."""
-    return tuple(n for n, m in REGISTRY.items() if m.final and not m.cuda_only and kind in m.runs)
+def run_names(kind: str, *, merged: bool = False, deploy: bool = True) -> tuple[str, ...]:
+    """What a finished CPU run of this kind (RUN_KINDS) reports, in declaration order; merged: its method is one peft
+    can merge (adds the merged_only figures); deploy: the run measured latencies (config deploy.latency)."""
+    return tuple(n for n, m in REGISTRY.items() if m.final and not m.cuda_only and kind in m.runs
+                 and (merged or not m.merged_only) and (deploy or not n.startswith("latency/")))
 
 
 def run_kind(task_kind: str, scorer: str | None) -> str:
@@ -158,6 +162,11 @@ def names(**where) -> tuple[str, ...]:
 
 # what bench/core/train.py: evaluate returns for a split: accuracy, macro-F1, mean loss
 SCORES = {"val": (VAL_ACCURACY, VAL_F1_MACRO, VAL_LOSS), "test": (TEST_ACCURACY, TEST_F1_MACRO, TEST_LOSS)}
+
+
+def primary_test(scorer: str | None) -> str:
+    """The task's primary test score: test/chrf for chrf_bleu tasks, else test/accuracy."""
+    return TEST_CHRF if scorer == "chrf_bleu" else TEST_ACCURACY
 # reported at every periodic evaluation (pruning sees these)
 VAL_PERIODIC = names(phase="validation", history=True)
 # the one test evaluation of the final (selected) model
@@ -166,6 +175,8 @@ TEST = names(phase="test")
 HISTORY = names(history=True)
 # what a finished run of any kind may report (CUDA runs add the cuda_only figures); run_names: one kind's
 RUN = names(final=True, cuda_only=False)
+# the inference cost of the trained model (bench/core/deploy.py)
+DEPLOYMENT = names(phase="deployment")
 # costs a sweep may minimize: measured on the run itself, not on held-out data, on every device
 COSTS = names(phase="run", direction="min", cuda_only=False)
 

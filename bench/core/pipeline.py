@@ -1,7 +1,7 @@
 """One run, the straight line, read top to bottom:
 
     task data -> backbone (+ quantization) [-> forgetting: before] -> method -> train (+ periodic validation)
-      -> test once [-> forgetting: after] -> save
+      -> test once [-> forgetting: after] -> save [-> deployment: latency, merged copy]
 
 The task's kind picks the path: classification (a new head, argmax scores) or generation (a causal or seq2seq LM
 by the backbone's family, response-only loss, scored on greedy generations: bench/core/generation.py).
@@ -20,8 +20,8 @@ from typing import Protocol
 
 import torch
 
+from bench.core import deploy, generation, methods, models, tasks, train
 from bench.core import forgetting as forgetting_module
-from bench.core import generation, methods, models, tasks, train
 from bench.core import metrics as M
 from bench.core.measure import Meter, grad_bytes, weights_bytes
 from bench.errors import BenchError
@@ -142,13 +142,20 @@ def run(cfg, out_dir: Path, device: torch.device, log: Log, *, on_eval=None) -> 
         M.TIME_TOTAL: time.perf_counter() - started,
         M.MEM_PEAK_TRAIN: meter.peak_bytes["train"],         # see bench/core/measure.py
         M.MEM_PEAK_EVAL: meter.peak_bytes["eval"],
+        M.TRAIN_EXAMPLES: len(parts.train),                  # after task.train_per_class / max_train_samples
     })
     if device.type == "cuda":
         metrics[M.MEM_PEAK_TRAIN_RESERVED] = meter.peak_reserved_bytes["train"]
         metrics[M.MEM_PEAK_EVAL_RESERVED] = meter.peak_reserved_bytes["eval"]
     tags = {"mem_source": "cuda_allocated" if device.type == "cuda"
             else ("rss_phase_peak" if meter.rss_resettable else "rss_lifetime_peak")}
-    return Outcome(metrics, tags, write_predictions(predictions, out_dir))
+    path = write_predictions(predictions, out_dir)
+    # latency/*, test/accuracy_merged, merge/*: the trained model as deployed (bench/core/deploy.py), after the test
+    # evaluation and outside every time/* figure
+    deployed, deploy_tags = deploy.measure(parts, model, test, cfg)
+    metrics.update(deployed)
+    tags.update(deploy_tags)
+    return Outcome(metrics, tags, path)
 
 
 def write_predictions(predictions, out_dir: Path) -> Path:

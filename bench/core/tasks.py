@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from datasets import Dataset, DatasetDict
 
@@ -189,6 +190,16 @@ def _subsample(ds: Dataset, n, key: str, seed: int) -> Dataset:
     return ds.shuffle(seed=seed).select(range(n))
 
 
+def per_class(ds: Dataset, k: int, label_column: str, seed: int) -> Dataset:
+    """task.train_per_class: k examples of each class (all of a class with fewer), drawn by one seeded permutation,
+    so the draw depends on the seed only (every method gets the same examples) and a smaller k's draw is inside a
+    larger one's. Kept in the split's order."""
+    order = np.random.default_rng(seed).permutation(len(ds))
+    labels = np.asarray(ds[label_column])[order]
+    keep = np.concatenate([order[labels == c][:k] for c in np.unique(labels)])
+    return ds.select(np.sort(keep))
+
+
 def load(cfg, seed: int) -> TaskData:
     """The task's train / validation / test splits, label ids checked, optionally subsampled (see module doc)."""
     if cfg.loader not in LOADERS:
@@ -242,8 +253,11 @@ def _finish(cfg, seed: int, splits: dict, stratify: str, names) -> TaskData:
         splits["train"], splits["validation"] = hold_out(splits["train"], size, stratify, cfg.split_seed)
     for split in ("validation", "test"):
         splits[split] = splits[split].add_column("index", list(range(len(splits[split]))))
+    train = splits["train"]
+    if cfg.get("train_per_class") is not None:
+        train = per_class(train, int(cfg.train_per_class), stratify, seed)
     return TaskData(
-        train=_subsample(splits["train"], cfg.max_train_samples, "task.max_train_samples", seed),
+        train=_subsample(train, cfg.max_train_samples, "task.max_train_samples", seed),
         validation=_subsample(splits["validation"], cfg.max_eval_samples, "task.max_eval_samples", cfg.split_seed),
         test=_subsample(splits["test"], cfg.max_test_samples, "task.max_test_samples", cfg.split_seed),
         label_names=names, kind=task_kind(cfg))

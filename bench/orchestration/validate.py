@@ -133,12 +133,38 @@ def _check_method_and_task(cfg) -> None:
         raise BenchError(f"method.dropout: must lie in [0, 1), got {cfg.method.dropout!r}")
     for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):  # larger than a split: clamped
         _positive(f"task.{key}", cfg.task[key], allow_none=True)
+    _check_per_class(cfg.task)
+    _check_deploy(cfg.get("deploy"))
     _check_generation(cfg.task)
     size = cfg.task.validation_size
     if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1
                                  or isinstance(size, float) and 0 < size < 1):
         raise BenchError(f"task.validation_size: must be a count >= 1 or a fraction in (0, 1), or null "
                          f"(10 % of train, at most 500), got {size!r}")
+
+
+def _check_per_class(task) -> None:
+    k = task.get("train_per_class")
+    if k is None:
+        return
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise BenchError(f"task.train_per_class: must be an integer >= 1 (examples per class) or null, got {k!r}")
+    if task.get("kind", "classification") == "generation" and task.get("label_words") is None:
+        raise BenchError(f"task.train_per_class: task {task.name} has no classes (generation without "
+                         "task.label_words); valid here: null, or task.max_train_samples")
+    if task.get("max_train_samples") is not None:
+        raise BenchError(f"task.train_per_class={k} with task.max_train_samples={task.max_train_samples}: two ways "
+                         "to cut the training split; set one of them, the other null")
+
+
+def _check_deploy(deploy) -> None:
+    if deploy is None:
+        raise BenchError("deploy: missing; conf/config.yaml declares deploy.latency, merged_test, repeats, warmup")
+    _bool("deploy.latency", deploy.latency)
+    _bool("deploy.merged_test", deploy.merged_test)
+    _positive("deploy.repeats", deploy.repeats)
+    if not isinstance(deploy.warmup, int) or isinstance(deploy.warmup, bool) or deploy.warmup < 0:
+        raise BenchError(f"deploy.warmup: must be an integer >= 0, got {deploy.warmup!r}")
 
 
 def _check_generation(task) -> None:
