@@ -388,10 +388,11 @@ SMOLLM2_TREC_MIN_ACCURACY = 0.6   # measured 0.78 (seed 0, test 500, 2 CPU cores
 def test_smollm2_lora_trec_instruct_beats_the_majority_class(tmp_path):
     cfg = compose("model=smollm2", "task=trec_instruct", "method=lora", "device=cpu", "train.isolate=false",
                   "task.max_test_samples=150", "task.max_eval_samples=50", "train.eval_every=null", "forgetting=false",
+                  "deploy.latency=false", "deploy.merged_test=false",
                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
     out = pipeline.run(cfg, tmp_path / "run", CPU, StubLog())
     m = out.metrics
-    print({k: m[k] for k in (M.TEST_ACCURACY, M.TEST_INVALID_RATE, M.TEST_LOSS, M.FORGET_LOSS_DELTA, M.TIME_TOTAL)})
+    print({k: m[k] for k in (M.TEST_ACCURACY, M.TEST_INVALID_RATE, M.TEST_LOSS, M.TIME_TOTAL)})
     assert m[M.TEST_ACCURACY] >= SMOLLM2_TREC_MIN_ACCURACY
 
 
