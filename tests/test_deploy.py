@@ -45,6 +45,9 @@ def test_tiny_random_bert_lora_merged_copy_predicts_what_the_unmerged_model_does
     with parts.model.disable_adapter():
         base_logits = _logits(parts.model, parts)
     assert not torch.allclose(base_logits, unmerged_logits, atol=1e-3)       # the method changes the outputs ...
+    base, _ = deploy._base(parts.model)         # the timed base: a copy without the method's modules ...
+    assert not any("lora" in n for n, _ in base.named_parameters())
+    torch.testing.assert_close(_logits(base, parts), base_logits)            # ... that answers as the backbone does
     torch.testing.assert_close(merged_logits, unmerged_logits, atol=1e-4, rtol=1e-4)  # ... and merging keeps them
     metrics, tags = deploy.measure(parts, parts.model, test, cfg)
     assert tags == {"merge": "merged"}

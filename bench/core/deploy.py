@@ -11,8 +11,9 @@ Definitions (the README's metric table repeats them):
   untimed calls, then `deploy.repeats` timed ones; within each repeat the variants run back to back (base,
   unmerged, merged), so drift on a shared machine hits all of them alike. torch's intra-op thread count is logged
   as latency/threads.
-  Variants: base = the backbone without the method (peft's `disable_adapter()`; for full, head, freeze and bitfit,
-  which add no modules, the same model), unmerged = the trained model as it ran in training, merged = a copy after
+  Variants: base = the backbone without the method (a copy with the method's modules removed by peft's `unload()`;
+  prompt-style methods: the wrapped model without the virtual tokens; full, head, freeze and bitfit add no modules:
+  the same model), unmerged = the trained model as it ran in training, merged = a copy after
   peft's `merge_and_unload()`, only for methods peft can merge (not prompt-style methods, not bottleneck adapters).
 - latency/<variant>_iqr_ms_b1 / _bN: the interquartile range (75th minus 25th percentile) of the same timed calls.
 - latency/overhead_pct_b1 / _bN: 100 x (unmerged - base) / base of the medians.
@@ -67,16 +68,20 @@ def merged_copy(model) -> tuple[object | None, str]:
 
 
 def _base(model):
-    """(the module to call, a context in which it runs as the backbone without the method). Prompt-style methods:
-    the wrapped model itself, which never sees the virtual tokens (peft 0.21's disable_adapter() fails on a
-    prompt-learning sequence classifier); other peft methods: disable_adapter(); the rest add no modules."""
+    """(the module to call, a context it runs in) as the backbone without the method: for peft methods that add
+    modules, a copy with them removed (peft's `unload()`, the weights untouched), so that no switching overhead is
+    timed; where peft cannot unload, the model inside `disable_adapter()`. Prompt-style methods: the wrapped model,
+    which never sees the virtual tokens. full, head, freeze and bitfit add no modules: the model itself."""
     from contextlib import nullcontext
     from peft import PeftModel
     if not isinstance(model, PeftModel):
         return model, nullcontext
     if model.peft_config[model.active_adapter].is_prompt_learning:
         return model.get_base_model(), nullcontext
-    return model, model.disable_adapter
+    try:
+        return copy.deepcopy(model).unload(), nullcontext
+    except (NotImplementedError, ValueError, TypeError, AttributeError):   # peft's word on what it cannot unload
+        return model, model.disable_adapter
 
 
 def _calls(parts, model, rows: list[dict], max_new_tokens: int):
