@@ -606,7 +606,7 @@ def test_chrf_bleu_runs_get_their_own_table_in_a_mixed_report(tmp_path):
     assert "Which method to choose: translate_en_es" not in md
     assert [line for line in md.splitlines() if line.startswith("## ")] == [
         "## trec · minilm · none", "## trec_instruct · minilm · none · label_match",
-        "## translate_en_es · minilm · none · chrf_bleu", "## Sweeps", "## Provenance"]
+        "## translate_en_es · minilm · none · chrf_bleu", "## Claims", "## Sweeps", "## Provenance"]
     assert "[translate_en_es · minilm · none · chrf_bleu](#translate_en_es--minilm--none--chrf_bleu)" in md
     assert "| n=1 (0) | 70.0 % |" in _section(md, "trec_instruct · minilm · none · label_match")
     sweep = next(line for line in md.splitlines() if line.startswith("| mt |"))

@@ -3,9 +3,11 @@
     MLflow runs -> runs.py (RunRecord: plain SQL for sqlite, MLflow's client otherwise)
     -> data.py (groups task × model × quant, one row per method, Pareto frontiers)
        + predictions.py (each table run's predictions/test.parquet; paired tests of two rows)
-       + stats.py (the definitions: seed and test-sampling intervals, paired tests, cost noise)
+       + stats.py (the definitions: seed and test-sampling intervals, paired tests, cost and latency noise)
+    -> curves.py (learning curves: the task.train_per_class runs, kept out of the tables, against full's)
+    -> claims.py (the Claims section: each claim against the runs; evidence.py: findings and shared evidence)
     -> sweeps.py (per study: its trials and summary, the best trial)
-    -> plots.py (PNGs) -> markdown.py (the report: wording.py, selection.py, provenance.py)
+    -> plots.py (PNGs) -> markdown.py (the report: wording.py, selection.py, provenance.py, curves, claims)
 
 The end of `python -m bench.sweep` writes reports/<study>/ with sweep_outputs.py, from the same study summary
 (sweeps.py) and the same objective plot (plots.py).
@@ -25,20 +27,27 @@ DEFAULT_EXPERIMENT = "peft-bench"
 
 def build_report(uri: str, experiments: list[str], out: Path) -> tuple[Path, list[Path]]:
     """Read the runs, write `out` (Markdown) and its PNGs into the folder `out` without `.md`; return the paths."""
+    from bench.report import curves
     from bench.report import data as data_mod
     from bench.report import markdown, plots, sweeps
 
     data = data_mod.load(uri, experiments)
+    campaigns = curves.campaigns(data)
     studies = sweeps.from_runs(data.sweep_runs)
     out = Path(out)
     assets = out.with_suffix("")  # reports/NAME.md -> reports/NAME/ holds its plots
     written: list[Path] = []
-    group_plots, sweep_plots = {}, {}
+    group_plots, sweep_plots, curve_plots = {}, {}, {}
     for group in data.groups:
         path = assets / f"acc-{group.slug}.png"
         plots.group_plot(group, path)
         group_plots[group.slug] = f"{assets.name}/{path.name}"
         written.append(path)
+    for campaign in campaigns:
+        path = assets / f"curve-{campaign.slug}.png"
+        if plots.curve_plot(campaign, path) is not None:
+            curve_plots[campaign.slug] = f"{assets.name}/{path.name}"
+            written.append(path)
     for study in studies:
         axes = sweeps.plot_axes(study)
         path = assets / f"sweep-{data_mod.safe_name(study.name)}.png"
@@ -46,11 +55,12 @@ def build_report(uri: str, experiments: list[str], out: Path) -> tuple[Path, lis
             continue
         sweep_plots[study.name] = f"{assets.name}/{path.name}"
         written.append(path)
-    for pattern in ("acc-*.png", "sweep-*.png"):  # only this report's own plots of groups or studies now gone
+    # only this report's own plots of groups, campaigns or studies now gone
+    for pattern in ("acc-*.png", "curve-*.png", "sweep-*.png"):
         for stale in sorted(assets.glob(pattern)) if assets.is_dir() else []:
             if stale not in written:
                 stale.unlink()
-    markdown.write(markdown.render(data, studies, group_plots, sweep_plots), out)
+    markdown.write(markdown.render(data, studies, group_plots, sweep_plots, campaigns, curve_plots), out)
     return out, written
 
 

@@ -6,9 +6,12 @@ Kinds of run (metrics.RUN_KINDS, `run_kind`): classification, and the generative
 have no accuracy: they enter the score tables (`ScoreGroup`: test chrF and BLEU over seeds, costs, forgetting).
 Runs enter the tables only when FINISHED with their headline figure; FINISHED runs without one (the old protocol,
 `eval/*` metrics) are only counted in provenance; sweep runs (tag `study`) go to the sweeps section; FAILED,
-KILLED and unfinished runs go to provenance. Within one method, runs whose settings differ (say `method.r=8` and
-`method.r=16`) become separate rows labelled with what differs; of several FINISHED runs with the same settings
-and seed (a rerun) the latest counts. The runs in the tables have their test predictions read
+KILLED and unfinished runs go to provenance. Runs trained on k examples per class (`task.train_per_class` set)
+never enter the tables: they are learning-curve points (bench/report/curves.py), so no row averages runs trained
+on different amounts of data; multi-task parent runs (tag `multitask=parent`) are never rows either (the claims
+section reads them; their children are ordinary runs). Within one method, runs whose settings differ (say
+`method.r=8` and `method.r=16`) become separate rows labelled with what differs; of several FINISHED runs with the
+same settings and seed (a rerun) the latest counts. The runs in the tables have their test predictions read
 (bench/report/predictions.py) for the test-sampling interval and the paired tests.
 
 Memory: each group has one method-separating memory figure (`Group.memory_metric`): on CUDA
@@ -24,7 +27,8 @@ from functools import cached_property
 
 from bench.core import metrics as M
 from bench.report import predictions
-from bench.report.runs import RunRecord, read_runs, run_settings
+from bench.report.runs import (RunRecord, is_multitask_parent, latest_per_seed, read_runs, seed_order,
+                               train_per_class, variants)
 from bench.report.stats import Estimate, PairedTest, mean_ci, pareto_front, wilson
 
 ACCURACY = M.TEST_ACCURACY
@@ -137,7 +141,7 @@ class Group(_Place):
         if key not in self._paired:
             missing = [f"{row.label} (seed{'s' if len(row.without_predictions) > 1 else ''} "
                        f"{', '.join(row.without_predictions)})" for row in (a, b) if row.without_predictions]
-            found = predictions.paired(a.answers, b.answers, _seed_order)
+            found = predictions.paired(a.answers, b.answers, seed_order)
             if isinstance(found, str) and missing:
                 found = f"no predictions for {', '.join(missing)}"
             self._paired[key] = found
@@ -190,6 +194,11 @@ class Data:
     old_protocol: list[RunRecord] = field(default_factory=list)   # FINISHED, no headline figure: not in the tables
     score_groups: list[ScoreGroup] = field(default_factory=list)   # chrf_bleu runs
     remote_error: str | None = None        # why predictions could not be downloaded, when that failed
+    # data-efficiency runs (task.train_per_class set; bench/report/curves.py): FINISHED, with test/accuracy, never in
+    # the method tables, which must not average runs trained on different amounts of data
+    curve_runs: list[RunRecord] = field(default_factory=list)
+    multitask: list[RunRecord] = field(default_factory=list)   # FINISHED multi-task parent runs: never table rows
+    read: object = field(default=None, repr=False)   # run -> its predictions.Answers or None (memoized)
 
     @property
     def not_finished(self) -> list[RunRecord]:
@@ -198,47 +207,6 @@ class Data:
 
 def safe_name(s: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in s)
-
-
-def _short(param: str) -> str:
-    return param.removeprefix("method.")
-
-
-def _variants(method: str, runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
-    """Split one method's runs by the settings that differ between them; label each part with those settings."""
-    settings = [run_settings(r) for r in runs]
-    differing = sorted(k for k in {k for s in settings for k in s} if len({s.get(k) for s in settings}) > 1)
-    if not differing:
-        return {method: runs}
-    parts: dict[tuple, list[RunRecord]] = defaultdict(list)
-    for run, s in zip(runs, settings):
-        parts[tuple(s.get(k) for k in differing)].append(run)
-    out: dict[str, list[RunRecord]] = {}
-    for ident in sorted(parts, key=lambda t: tuple(map(str, t))):
-        values = dict(zip(differing, ident))
-        named = [f"{_short(k)}={values[k]}" for k in differing if values[k] is not None]  # unset: the default
-        label = f"{method} ({', '.join(named)})" if named else method
-        out[label if label not in out else f"{label} #{sum(k.startswith(label) for k in out) + 1}"] = parts[ident]
-    return out
-
-
-def _seed_order(seed: str) -> tuple:
-    try:
-        return 0, int(seed), seed
-    except ValueError:
-        return 1, 0, seed
-
-
-def _latest_per_seed(runs: list[RunRecord]) -> tuple[list[RunRecord], list[RunRecord]]:
-    by_seed: dict[str, list[RunRecord]] = defaultdict(list)
-    for r in runs:
-        by_seed[r.seed].append(r)
-    kept, dropped = [], []
-    for seed in sorted(by_seed, key=_seed_order):
-        rs = sorted(by_seed[seed], key=lambda r: (r.start_time, r.run_id))
-        kept.append(rs[-1])
-        dropped += rs[:-1]
-    return kept, dropped
 
 
 def _values(runs: list[RunRecord], metrics) -> dict[str, list[float]]:
@@ -266,8 +234,8 @@ def _rows(runs_by_method: dict[str, list[RunRecord]], make) -> tuple[list, list[
     """One row per method and settings (`make(label, method, runs)`), the latest run per seed; the superseded."""
     rows, superseded = [], []
     for method in sorted(runs_by_method):
-        for label, vruns in _variants(method, runs_by_method[method]).items():
-            kept, dropped = _latest_per_seed(vruns)
+        for label, vruns in variants(method, runs_by_method[method]).items():
+            kept, dropped = latest_per_seed(vruns)
             superseded += dropped
             rows.append(make(label, method, kept))
     return rows, superseded
@@ -303,14 +271,28 @@ def _no_predictions(run: RunRecord) -> None:
     return None
 
 
+def _memo(read):
+    """`read` once per run: the learning curves read the predictions of runs the tables have read."""
+    cache: dict[str, object] = {}
+
+    def cached(run: RunRecord):
+        if run.run_id not in cache:
+            cache[run.run_id] = read(run)
+        return cache[run.run_id]
+    return cached
+
+
 def build(uri: str, experiments: list[str], runs: list[RunRecord], read=_no_predictions) -> Data:
     """`read`: run -> its predictions.Answers or None (predictions.Reader; by default none are read)."""
+    read = _memo(read)
     sweep_runs = [r for r in runs if "study" in r.tags]
-    finished = [r for r in runs if "study" not in r.tags and r.status == "FINISHED"]
-    table_runs = [r for r in finished if _has(r, ACCURACY)]
-    score_runs = [r for r in finished if not _has(r, ACCURACY) and run_kind(r) == "chrf_bleu"
-                  and _has(r, SCORES[0])]
-    in_tables = {id(r) for r in table_runs + score_runs}
+    multitask = [r for r in runs if is_multitask_parent(r) and "study" not in r.tags]
+    finished = [r for r in runs if "study" not in r.tags and r.status == "FINISHED" and not is_multitask_parent(r)]
+    curve_runs = [r for r in finished if train_per_class(r) is not None and _has(r, ACCURACY)]
+    table_runs = [r for r in finished if train_per_class(r) is None and _has(r, ACCURACY)]
+    score_runs = [r for r in finished if train_per_class(r) is None and not _has(r, ACCURACY)
+                  and run_kind(r) == "chrf_bleu" and _has(r, SCORES[0])]
+    in_tables = {id(r) for r in table_runs + score_runs + curve_runs}
     old_protocol = [r for r in finished if id(r) not in in_tables]
     by_key: dict[tuple[str, str, str, str], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in table_runs:
@@ -329,7 +311,8 @@ def build(uri: str, experiments: list[str], runs: list[RunRecord], read=_no_pred
     superseded += dropped
     superseded.sort(key=lambda r: (r.start_time, r.name, r.run_id))
     return Data(uri=uri, experiments=list(experiments), runs=runs, groups=groups, sweep_runs=sweep_runs,
-                superseded=superseded, old_protocol=old_protocol, score_groups=score_groups)
+                superseded=superseded, old_protocol=old_protocol, score_groups=score_groups, curve_runs=curve_runs,
+                multitask=[r for r in multitask if r.status == "FINISHED"], read=read)
 
 
 def load(uri: str, experiments: list[str]) -> Data:

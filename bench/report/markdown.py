@@ -1,6 +1,7 @@
 """The report's Markdown: per task × model × quant a table, plots and the method-selection answer
 (bench/report/selection.py), and for chrf_bleu runs a table of chrF and BLEU (no selection: no per-example
-verdicts); then sweeps and provenance (bench/report/provenance.py). Everything here is a
+verdicts); then the learning curves (bench/report/curves.py), the claims (bench/report/claims.py), sweeps and
+provenance (bench/report/provenance.py). Everything here is a
 function of the runs alone (stable order, no generation time). The wording rules: bench/report/wording.py;
 the definitions: bench/report/stats.py, told to the reader in HOW_TO_READ.
 """
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from bench.core import metrics as M
 from bench.fmt import human_bytes
+from bench.report import claims, curves
+from bench.report.curves import ALL, Campaign
 from bench.report.data import ACCURACY, CLASSIFICATION, SCORES, Data, Group, ScoreGroup
 from bench.report.provenance import provenance
 from bench.report.selection import selection
@@ -219,9 +222,14 @@ def _sweeps_section(studies: list[Study], plots: dict[str, str]) -> list[str]:
     return lines
 
 
-def render(data: Data, studies: list[Study], group_plots: dict[str, str], sweep_plots: dict[str, str]) -> str:
+def render(data: Data, studies: list[Study], group_plots: dict[str, str], sweep_plots: dict[str, str],
+           campaigns: list[Campaign] | None = None, curve_plots: dict[str, str] | None = None) -> str:
+    """campaigns: the learning curves (curves.campaigns(data)), curve_plots: slug -> PNG; then the claims."""
+    campaigns = curves.campaigns(data) if campaigns is None else campaigns
     finished = (sum(r.accuracy.n for g in data.groups for r in g.rows)
-                + sum(r.headline.n for g in data.score_groups for r in g.rows))
+                + sum(r.headline.n for g in data.score_groups for r in g.rows)
+                + len({r.run_id for c in campaigns for line in c.lines for k, p in line.points.items()
+                       if k != ALL for r in p.runs}))
     exps = ", ".join(f"`{e}`" for e in data.experiments)
     lines = [f"# Which PEFT method? Report on {exps}", "",
              f"Computed by `python -m bench.report` from {finished} finished runs in the MLflow store "
@@ -230,12 +238,15 @@ def render(data: Data, studies: list[Study], group_plots: dict[str, str], sweep_
     if not data.groups and not data.score_groups:
         lines += [f"No FINISHED runs with `{ACCURACY}` outside sweeps: there is nothing to compare yet.", ""]
     links = ([f"[{g.title}](#{_anchor(g.title)})" for g in [*data.groups, *data.score_groups]]
+             + (["[Learning curves](#learning-curves)"] if campaigns else []) + ["[Claims](#claims)"]
              + (["[Sweeps](#sweeps)"] if studies else []) + ["[Provenance](#provenance)"])
     lines += ["Contents: " + ", ".join(links) + ".", ""]
     for g in data.groups:
         lines += _group_section(g, group_plots.get(g.slug))
     for g in data.score_groups:
         lines += _score_section(g)
+    lines += curves.section(campaigns, curve_plots or {})
+    lines += claims.section(data, campaigns)
     if studies:
         lines += _sweeps_section(studies, sweep_plots)
     lines += provenance(data)

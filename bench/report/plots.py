@@ -1,5 +1,6 @@
-"""The PNGs: a group's test accuracy against each cost with the Pareto frontier (the report), and a study's
-objective over its settings (the one objective plot: the sweep's objective.png and the report's sweep plots).
+"""The PNGs: a group's test accuracy against each cost with the Pareto frontier (the report), a campaign's learning
+curves (test accuracy against training examples, bench/report/curves.py), and a study's objective over its settings
+(the one objective plot: the sweep's objective.png and the report's sweep plots).
 
 matplotlib's object-oriented API only (`Figure`, no pyplot): no backend is selected and no global state changes;
 savefig renders PNG with Agg. Byte-stable: fixed sizes, layout and DPI, points in a fixed order, and no
@@ -16,6 +17,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLoca
 
 from bench.core import metrics as M
 from bench.fmt import human_bytes
+from bench.report.curves import Campaign
 from bench.report.data import ACCURACY, Group
 from bench.report.sweeps import FINISHED, Study
 
@@ -73,6 +75,41 @@ def group_plot(group: Group, path: Path) -> None:
             ax.set_ylim(max(lo - pad, -1.0), min(hi + pad, 101.0))
     fig.suptitle(f"{group.title}: {ACCURACY} (mean ± 95 % CI over seeds); red: on the frontier", fontsize=11)
     _save(fig, path)
+
+
+def curve_plot(campaign: Campaign, path: Path) -> Path | None:
+    """Test accuracy (mean ± 95 % seed interval) against training examples (log scale), one line per method, full
+    fine-tuning in black. Points whose runs did not log train/examples are not drawn. None (nothing written)
+    when no point can be drawn."""
+    drawn = [(line, [(campaign.examples[k], line.points[k]) for k in campaign.keys
+                     if k in line.points and campaign.examples.get(k)]) for line in campaign.lines]
+    drawn = [(line, pts) for line, pts in drawn if pts]
+    if not drawn:
+        return None
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.11, top=0.91)  # fixed: layout engines are slow
+    for i, (line, pts) in enumerate(drawn):
+        ref = line is campaign.reference
+        ax.errorbar([x for x, _ in pts], [100 * p.accuracy.mean for _, p in pts],
+                    yerr=[100 * (p.accuracy.half_width or 0) for _, p in pts], fmt="-o", capsize=3, markersize=5,
+                    linewidth=2.2 if ref else 1.3, color="black" if ref else f"C{i % 10}", label=line.label)
+    xs = sorted({x for _, pts in drawn for x, _ in pts})
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{x:,.0f}" for x in xs])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel(f"training examples ({M.TRAIN_EXAMPLES}, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{campaign.title}: {ACCURACY} (mean ± 95 % CI over seeds)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.margins(x=0.08)
+    points = [p for _, pts in drawn for _, p in pts]   # wildly disagreeing seeds: keep the axis on possible values
+    lo, hi = min(100 * p.accuracy.low for p in points), max(100 * p.accuracy.high for p in points)
+    pad = max(1.0, 0.08 * (hi - lo))
+    ax.set_ylim(max(lo - pad, -1.0), min(hi + pad, 101.0))
+    ax.legend(loc="best", fontsize=8)
+    _save(fig, path)
+    return path
 
 
 def _coord(v):

@@ -47,6 +47,9 @@ def provenance(data: Data) -> list[str]:
     in_tables = sum(r.accuracy.n for g in data.groups for r in g.rows)
     in_scores = sum(r.headline.n for g in data.score_groups for r in g.rows)
     scores = f", {in_scores} in the chrF / BLEU tables" if in_scores else ""
+    scores += (f", {len(data.curve_runs)} in the learning curves (`task.train_per_class` set)"
+               if data.curve_runs else "")
+    scores += f", {len(data.multitask)} multi-task parent runs" if data.multitask else ""
     ends = [r.end_time for r in runs if r.end_time]
     lines = ["## Provenance", "",
              f"- Store: `{data.uri}`; experiment{'s' if len(data.experiments) > 1 else ''} "

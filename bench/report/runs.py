@@ -1,6 +1,8 @@
 """Runs out of MLflow: one `RunRecord` per run (its tags, params and latest metrics), read with plain SQL from a
-sqlite store and with MLflow's client from anything else (a file store, a server); and `run_settings`, what a
-run's figures depend on. The report's grouping (bench/report/data.py) and its sweeps (bench/report/sweeps.py) read
+sqlite store and with MLflow's client from anything else (a file store, a server); `run_settings`, what a
+run's figures depend on, and what rows and curves are built from: `variants` (one method's runs split by the
+settings that differ), `latest_per_seed`, `train_per_class`, `is_multitask_parent`. The report's grouping
+(bench/report/data.py), its learning curves (bench/report/curves.py) and its sweeps (bench/report/sweeps.py) read
 these records only."""
 from __future__ import annotations
 
@@ -19,7 +21,13 @@ IGNORED_PARAMS = {"seed", "rerun", "device", "train.isolate", "train.threads", "
                   "forgetting"}   # forget/* figures or none; the run's other figures are the same
 # method.peft.*: stores written before each knob had one name (method YAMLs with a `peft:` block) repeat the
 # method's knobs there; what the run depends on is in the method's own keys
-IGNORED_PREFIXES = ("tracking.", "method.peft.")
+# deploy.*: how the trained model's inference was timed after the test evaluation (bench/core/deploy.py); it
+# changes no training figure, and runs logged before it existed share their rows with new ones
+IGNORED_PREFIXES = ("tracking.", "method.peft.", "deploy.")
+# keys added with a null default: a run logged before one existed ran with that default (null is logged as "None")
+NULL_DEFAULTS = {"task.train_per_class"}
+# the tags that set a run apart from the method tables: a multi-task parent run (its children are ordinary runs)
+MULTITASK_TAG, MULTITASK_PARENT = "multitask", "parent"
 # the generative tasks' keys (conf/task/_splits.yaml: kind; _generation.yaml, which task=local and task=hf list too):
 # a classification run does not read them, and runs logged before them (no task.kind) were classification runs
 GENERATIVE_KEYS = {"task.kind", "task.template", "task.max_new_tokens", "task.scorer", "task.instruction",
@@ -160,7 +168,61 @@ def run_settings(run: RunRecord) -> dict[str, str]:
     """What a run's figures depend on: its config (params) and, for memory and time, the hardware it ran on."""
     ignored = IGNORED_PARAMS | (GENERATIVE_KEYS if run.params.get("task.kind", "classification") == "classification"
                                 else set())
-    settings = {k: v for k, v in run.params.items() if k not in ignored and not k.startswith(IGNORED_PREFIXES)}
+    settings = {k: v for k, v in run.params.items() if k not in ignored and not k.startswith(IGNORED_PREFIXES)
+                and not (k in NULL_DEFAULTS and v == "None")}
     if "device_name" in run.tags:
         settings["hardware"] = run.tags["device_name"]
     return settings
+
+
+def train_per_class(run: RunRecord) -> str | None:
+    """The run's `task.train_per_class` (k examples per class, as logged), None when it trained on all examples."""
+    k = run.params.get("task.train_per_class")
+    return None if k in (None, "None", "") else k
+
+
+def is_multitask_parent(run: RunRecord) -> bool:
+    return run.tags.get(MULTITASK_TAG) == MULTITASK_PARENT
+
+
+def seed_order(seed: str) -> tuple:
+    try:
+        return 0, int(seed), seed
+    except ValueError:
+        return 1, 0, seed
+
+
+def latest_per_seed(runs: list[RunRecord]) -> tuple[list[RunRecord], list[RunRecord]]:
+    """Of several runs per seed the latest (in seed order), and the superseded ones."""
+    by_seed: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        by_seed[r.seed].append(r)
+    kept, dropped = [], []
+    for seed in sorted(by_seed, key=seed_order):
+        rs = sorted(by_seed[seed], key=lambda r: (r.start_time, r.run_id))
+        kept.append(rs[-1])
+        dropped += rs[:-1]
+    return kept, dropped
+
+
+def _short(param: str) -> str:
+    return param.removeprefix("method.")
+
+
+def variants(method: str, runs: list[RunRecord], ignore: frozenset[str] = frozenset()) -> dict[str, list[RunRecord]]:
+    """Split one method's runs by the settings that differ between them (but those in `ignore`); label each part
+    with those settings."""
+    settings = [{k: v for k, v in run_settings(r).items() if k not in ignore} for r in runs]
+    differing = sorted(k for k in {k for s in settings for k in s} if len({s.get(k) for s in settings}) > 1)
+    if not differing:
+        return {method: runs}
+    parts: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for run, s in zip(runs, settings):
+        parts[tuple(s.get(k) for k in differing)].append(run)
+    out: dict[str, list[RunRecord]] = {}
+    for ident in sorted(parts, key=lambda t: tuple(map(str, t))):
+        values = dict(zip(differing, ident))
+        named = [f"{_short(k)}={values[k]}" for k in differing if values[k] is not None]  # unset: the default
+        label = f"{method} ({', '.join(named)})" if named else method
+        out[label if label not in out else f"{label} #{sum(k.startswith(label) for k in out) + 1}"] = parts[ident]
+    return out

@@ -16,6 +16,13 @@
 - Measurement noise of a cost figure (memory, checkpoint size, train time; `cost_spread`, `costs_apart`): a row's
   run-to-run spread is max − min over its seeds, with one seed RESOLUTION (5 %) of the figure, a stated
   resolution; two rows' figures are apart only when they differ by more than the larger of their spreads.
+- Seed intervals apart (`intervals_apart`; learning curves without a paired test, forgetting): two means over
+  seeds differ when their 95 % seed intervals do not overlap; with one seed on either side there is no interval
+  and nothing is resolved.
+- Latency noise (`latency_apart`): a run times each variant (base, unmerged, merged) in the same process, the
+  variants interleaved, and logs each one's median and interquartile range (IQR); two medians of one run differ
+  when |a − b| > max(IQR_a, IQR_b). Over several runs (`latency_verdict`) a difference counts only when every run
+  shows it beyond its IQRs, with the same sign.
 - Pareto frontiers (`pareto_front`).
 """
 from __future__ import annotations
@@ -179,6 +186,28 @@ def costs_apart(a: list[float], b: list[float]) -> bool:
     """True when two rows' figures (their values over seeds) differ by more than the larger spread."""
     gap = abs(math.fsum(a) / len(a) - math.fsum(b) / len(b))
     return gap > max(cost_spread(a), cost_spread(b))
+
+
+def intervals_apart(a: Estimate, b: Estimate) -> int | None:
+    """+1 when a's 95 % seed interval lies wholly above b's, -1 wholly below, 0 when they overlap; None when either
+    mean has a single seed (no interval)."""
+    if a.half_width is None or b.half_width is None:
+        return None
+    return 1 if a.low > b.high else -1 if a.high < b.low else 0
+
+
+# --- latency ------------------------------------------------------------------------------------------------
+def latency_apart(a: float, a_iqr: float, b: float, b_iqr: float) -> bool:
+    """Two medians of one run's timed calls differ when the gap exceeds the larger interquartile range."""
+    return abs(a - b) > max(a_iqr, b_iqr)
+
+
+def latency_verdict(pairs: list[tuple[float, float, float, float]]) -> tuple[int, int]:
+    """Over runs, each (a median, a IQR, b median, b IQR): (+1 a slower than b in every run beyond its IQRs, -1 a
+    faster in every run, 0 otherwise; how many runs differ beyond their IQRs)."""
+    signs = [(1 if a > b else -1) if latency_apart(a, ai, b, bi) else 0 for a, ai, b, bi in pairs]
+    apart = sum(1 for s in signs if s)
+    return (signs[0] if pairs and len(set(signs)) == 1 else 0), apart
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:

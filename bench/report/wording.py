@@ -11,7 +11,7 @@ Wording rules:
 from __future__ import annotations
 
 from bench.report.data import Group, Row
-from bench.report.stats import RESOLUTION, PairedTest, cost_spread, costs_apart
+from bench.report.stats import RESOLUTION, Estimate, PairedTest, cost_spread, costs_apart
 
 
 # --- formatting ---------------------------------------------------------------------------------------------
@@ -27,6 +27,11 @@ def acc(row: Row, with_n: bool = False) -> str:
     est = row.accuracy
     text = pct(est.mean) + (f" ± {pct(est.half_width)}" if est.half_width is not None else "") + " %"
     return f"{text}, n={est.n}" if with_n else text
+
+
+def estimate_pct(est: Estimate) -> str:
+    """An accuracy over seeds: "93.5 ± 1.2 % (n=3)" (one seed: no interval)."""
+    return pct(est.mean) + (f" ± {pct(est.half_width)}" if est.half_width is not None else "") + f" % (n={est.n})"
 
 
 def sampling(row: Row) -> str:
