@@ -73,6 +73,13 @@ PEFT_BOFT_KERNEL = PrivateApi(
     "sets get_fbd_cuda()'s cache to False on a machine without CUDA, so BOFT takes peft's own fallback instead of "
     "compiling a CUDA kernel that could never run (peft offers no switch); without the name it does nothing",
     "tests/test_private_apis.py::test_boft_kernel_cache_short_circuits_the_build")
+PEFT_MODULES_TO_SAVE = PrivateApi(
+    "peft", "peft.utils:ModulesToSaveWrapper", ("adapter_layer_names", "init_modules"),
+    "bench/core/multitask.py: fit_heads",
+    "replaces one adapter's entry of the wrapper's per-adapter ModuleDict (the attribute adapter_layer_names names, "
+    "modules_to_save, made by init_modules) with a head of that task's size before load_adapter fills it: peft copies "
+    "the base model's head for every adapter and offers no way to give one adapter a head of another size",
+    "tests/test_multitask.py::test_peft_keeps_one_head_per_adapter_in_modules_to_save")
 HYDRA_PARSER = PrivateApi(
     "hydra-core", "hydra._internal.utils", ("get_args_parser",),
     "bench/__main__.py: _hydra_parser",
@@ -80,4 +87,5 @@ HYDRA_PARSER = PrivateApi(
     "also reads the parser's _actions, argparse's, Python's own)",
     "tests/test_reliability.py::test_hydra_private_parser_still_offers_what_main_reads")
 
-PRIVATE_APIS = (PEFT_TYPE_ENUM, PEFT_MAPPINGS, PEFT_TUNER_HOOKS, PEFT_LAYER_HOOKS, PEFT_BOFT_KERNEL, HYDRA_PARSER)
+PRIVATE_APIS = (PEFT_TYPE_ENUM, PEFT_MAPPINGS, PEFT_TUNER_HOOKS, PEFT_LAYER_HOOKS, PEFT_BOFT_KERNEL, PEFT_MODULES_TO_SAVE,
+                HYDRA_PARSER)

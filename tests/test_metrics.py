@@ -15,8 +15,10 @@ from bench.sweep import spec
 from tests.conftest import ROOT, compose
 
 README = ROOT / "README.md"
-# what a CPU run of a classification task logs to MLflow (final values and step histories)
-CPU_METRICS = tuple(n for n in M.names(cuda_only=False) if "classification" in M.REGISTRY[n].runs)
+# what a CPU run of a classification task logs to MLflow (final values and step histories); the multitask figures
+# reach a run only from python -m bench.multitask, afterwards
+CPU_METRICS = tuple(n for n in M.names(cuda_only=False) if "classification" in M.REGISTRY[n].runs
+                    and n not in M.MULTITASK)
 
 
 def section(title: str) -> str:
@@ -127,7 +129,9 @@ def test_groups_derive_from_the_registry():
         M.TEST_ACCURACY, M.TEST_F1_MACRO, M.TEST_LOSS)
     assert set(M.HISTORY) == {*M.VAL_PERIODIC, M.TRAIN_LOSS, M.TRAIN_LR}
     assert M.TRAIN_LR not in M.RUN and not {M.MEM_PEAK_TRAIN_RESERVED, M.MEM_PEAK_EVAL_RESERVED} & set(M.RUN)
-    assert set(M.RUN) == {n for n, m in M.REGISTRY.items() if m.final and not m.cuda_only}
+    assert set(M.RUN) == {n for n, m in M.REGISTRY.items() if m.final and not m.cuda_only and m.phase != "multitask"}
+    assert M.MULTITASK == M.names(phase="multitask") and M.MULTITASK_SWITCH_MS in M.MULTITASK
+    assert not set(M.MULTITASK) & {*M.RUN, *M.COSTS, *spec.OBJECTIVES}
     # each kind of run reports its own figures; together they are RUN; every kind reports the costs
     assert set(M.RUN) == {n for kind in M.RUN_KINDS for n in M.run_names(kind, merged=True)}
     assert set(M.run_names("classification", merged=True)) - set(classification) == set(M.names(merged_only=True)) & {

@@ -9,7 +9,7 @@ metrics.yaml and the entry). Each key becomes a module constant (`VAL_ACCURACY =
 globals(), so editors and type checkers do not see the constants: grep for a constant or a name leads to
 metrics.yaml (the declaration) and to where it is measured (bench/core/train.py, bench/core/measure.py,
 bench/core/methods, bench/orchestration/worker.py) and read. The groups other modules use (VAL_PERIODIC, TEST,
-HISTORY, RUN, COSTS) are derived from the registry, never listed by hand.
+HISTORY, RUN, COSTS, MULTITASK) are derived from the registry, never listed by hand.
 
 Protocol: selection (periodic evaluation, best step, pruning, sweep objectives) uses the validation split
 (`val/*`); the test split is scored once, at the end of a run (`test/*`).
@@ -26,7 +26,9 @@ UNITS = ("", "bytes", "s", "count", "step", "tokens", "%", "tokens/s", "samples/
 # validation / test: scores on that split; train: the training loop's own figures; run: what the run cost
 # (memory, time, checkpoint, parameters, throughput), measured on the run itself, not on held-out data
 # forgetting: on a fixed text sample no task uses; deployment: the trained model's inference cost, after the test
-PHASES = ("validation", "test", "train", "run", "forgetting", "deployment")
+# multitask: several runs' adapters on one base (python -m bench.multitask), logged on its parent run and on each
+# task's run afterwards: no single run reports them (run_names, RUN and the sweep objectives leave them out)
+PHASES = ("validation", "test", "train", "run", "forgetting", "deployment", "multitask")
 DIRECTIONS = ("max", "min", None)   # which way is better; None: neither (a step, a count, a reference size)
 # the kinds of run: a classification task, or a generative task by its scorer (bench/core/generation.py: SCORERS)
 RUN_KINDS = ("classification", "label_match", "chrf_bleu")
@@ -147,7 +149,8 @@ def run_names(kind: str, *, merged: bool = False, deploy: bool = True) -> tuple[
     """What a finished CPU run of this kind (RUN_KINDS) reports, in declaration order; merged: its method is one peft
     can merge (adds the merged_only figures); deploy: the run measured latencies (config deploy.latency)."""
     return tuple(n for n, m in REGISTRY.items() if m.final and not m.cuda_only and kind in m.runs
-                 and (merged or not m.merged_only) and (deploy or not n.startswith("latency/")))
+                 and m.phase != "multitask" and (merged or not m.merged_only)
+                 and (deploy or not n.startswith("latency/")))
 
 
 def run_kind(task_kind: str, scorer: str | None) -> str:
@@ -174,9 +177,11 @@ TEST = names(phase="test")
 # logged over steps by bench/core/train.py: fit (the others are logged once, at the last step)
 HISTORY = names(history=True)
 # what a finished run of any kind may report (CUDA runs add the cuda_only figures); run_names: one kind's
-RUN = names(final=True, cuda_only=False)
+RUN = tuple(n for n in names(final=True, cuda_only=False) if REGISTRY[n].phase != "multitask")
 # the inference cost of the trained model (bench/core/deploy.py)
 DEPLOYMENT = names(phase="deployment")
+# several adapters on one base (bench/core/multitask.py): the parent run's figures and each task's switched score
+MULTITASK = names(phase="multitask")
 # costs a sweep may minimize: measured on the run itself, not on held-out data, on every device
 COSTS = names(phase="run", direction="min", cuda_only=False)
 

@@ -101,11 +101,15 @@ def build(cfg, device: torch.device | None = None, *, forgetting: bool = False) 
     base = forgetting_module.before(model, tokenizer, data.kind, family, device) if forgetting else None
     _seed(seed)  # set again right before the method is built, so the seed reaches adapter initialization
     model = methods.apply(model, cfg.method, cfg.model, methods.task_type(data.kind, family))
+    return Parts(data, tokenizer, model, *tokenize(cfg, data, tokenizer, family), device, family, base, cfg)
+
+
+def tokenize(cfg, data: tasks.TaskData, tokenizer, family: str):
+    """(train, validation, test): the task's splits as the run's tokenizer and settings encode them."""
     gen = data.kind == "generation"
-    train_ds, val_ds, test_ds = tasks.tokenize(data, tokenizer, cfg.train.max_length, family=family,
-                                               template=cfg.task.template if gen else "alpaca",
-                                               max_new_tokens=cfg.task.max_new_tokens if gen else 0)
-    return Parts(data, tokenizer, model, train_ds, val_ds, test_ds, device, family, base, cfg)
+    return tasks.tokenize(data, tokenizer, cfg.train.max_length, family=family,
+                          template=cfg.task.template if gen else "alpaca",
+                          max_new_tokens=cfg.task.max_new_tokens if gen else 0)
 
 
 def run(cfg, out_dir: Path, device: torch.device, log: Log, *, on_eval=None) -> Outcome:

@@ -88,6 +88,15 @@ def start_worker(cfg, config_path: Path, run_id: str, out_dir: Path, env: dict[s
     return Forked(process)
 
 
+def start_child(target, *args) -> Forked:
+    """target(*args) in a fresh child forked from the template, as a job's worker is (bench/orchestration/multitask.py:
+    the measurement of several adapters on one base); target must be a module-level function."""
+    warm_up()  # no-op when it runs already
+    process = _CONTEXT.Process(target=target, args=args, name="bench-child")
+    process.start()
+    return Forked(process)
+
+
 def _forked_main(argv: list[str], env: dict[str, str]) -> None:
     """In the forked child: the worker (already imported by the template); the parent never imports it."""
     from bench.orchestration.worker import forked_main

@@ -272,6 +272,17 @@ def checkpoint_bytes(ckpt_dir: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def regularize_active(model) -> None:
+    """Point a reloaded AdaLoRA model's regularizer at its active adapter (other methods: nothing to do). peft's
+    AdaLoRA adds its orthogonality regularizer to every loss it sees, reading the adapter's name from an attribute it
+    sets only for a trainable adapter, so a reloaded one fails on any batch with labels (huggingface/peft#571, fixed
+    only for batches without labels). Called again after each switch (bench/core/multitask.py: activate)."""
+    import peft
+    tuner = model.base_model
+    if isinstance(tuner, peft.AdaLoraModel):
+        tuner.trainable_adapter_name = model.active_adapter
+
+
 def reload(base_model, method_cfg, ckpt_dir: Path):
     """Load a checkpoint written by save() onto a freshly loaded base model (used by tests and users)."""
     if method_cfg.kind == "peft":
@@ -279,12 +290,7 @@ def reload(base_model, method_cfg, ckpt_dir: Path):
 
         import bench.core.methods.bottleneck  # noqa: F401
         model = peft.PeftModel.from_pretrained(base_model, ckpt_dir)
-        tuner = model.base_model
-        if isinstance(tuner, peft.AdaLoraModel) and not hasattr(tuner, "trainable_adapter_name"):
-            # peft's AdaLoRA adds its orthogonality regularizer to every loss it sees, reading the adapter's name
-            # from an attribute it sets only for a trainable adapter: a reloaded one fails on any batch with labels
-            # (huggingface/peft#571, fixed only for batches without labels)
-            tuner.trainable_adapter_name = model.active_adapter
+        regularize_active(model)
         return model
     if method_cfg.kind in PARTIAL_KINDS:
         from safetensors.torch import load_file
