@@ -27,10 +27,7 @@ CURVES = ("python -m bench +experiment=data_efficiency method=full,lora,adapter,
           "task.train_per_class=8,32,128,null seed=0,1,2 -m")
 # the multi-task parent run's command and figures (tag multitask=parent; children: ordinary runs, mlflow.parentRunId)
 MULTITASK_COMMAND = "python -m bench.multitask method=lora task=trec,rotten_tomatoes,finefoods"
-MT = {k: f"multitask/{k}" for k in (
-    "tasks", "switch_ms", "switch_iqr_ms", "load_s", "adapters_bytes", "base_bytes", "full_models_bytes",
-    "rss_base_bytes", "rss_adapters_bytes", "max_abs_logit_diff", "predictions_equal", "mixed_batch_max_abs_diff",
-    "test_accuracy_switched")}
+MT = {name.split("/", 1)[1]: name for name in M.MULTITASK}   # the registry's multitask/* figures, by short name
 TINY = 0.10   # (g) "tiny": at most this fraction of full fine-tuning's checkpoint
 
 
