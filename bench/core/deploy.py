@@ -88,16 +88,9 @@ def _calls(parts, model, rows: list[dict], max_new_tokens: int):
     """A zero-argument call running `model` on `rows` (tokenized test examples), as the test evaluation would."""
     tok, device = parts.tokenizer, parts.device
     if parts.generative:
-        from transformers import GenerationConfig
-
         from bench.core import generation
-        family = parts.family
-        config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                                  num_beams=1, use_cache=True, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id)
-        if family == "encoder-decoder":
-            config.decoder_start_token_id = generation.decoder_start(model)
-        with generation.padding_side(tok, "right" if family == "encoder-decoder" else "left"):
+        config = generation.greedy_config(model, tok, parts.family, max_new_tokens, exact=True)
+        with generation.padding_side(tok, generation.prompt_padding_side(parts.family)):
             batch = tok.pad([{"input_ids": r["prompt_ids"]} for r in rows], return_tensors="pt")
         batch = {k: v.to(device) for k, v in batch.items()}
         return lambda: model.generate(**batch, generation_config=config)

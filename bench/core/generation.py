@@ -131,20 +131,32 @@ def padding_side(tokenizer, side: str):
         tokenizer.padding_side = old
 
 
+def greedy_config(model, tokenizer, family: str, max_new_tokens: int, *, exact: bool = False):
+    """Greedy decoding with the KV cache; exact: always max_new_tokens new tokens (min_new_tokens too)."""
+    from transformers import GenerationConfig
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if exact else None,
+                              do_sample=False, num_beams=1, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    if family == "encoder-decoder":
+        config.decoder_start_token_id = decoder_start(model)
+    return config
+
+
+def prompt_padding_side(family: str) -> str:
+    """Decoder-only prompts are padded on the left (generation continues at the right end); encoder inputs right."""
+    return "right" if family == "encoder-decoder" else "left"
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, family: str, max_new_tokens: int, batch_size: int,
              device) -> list[str]:
     """Greedy continuations of token-id prompts (KV cache on), batched by length with left padding for decoder-only
     models; each decoded without special tokens, in the prompts' order."""
-    from transformers import GenerationConfig
     model.eval()
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    if family == "encoder-decoder":
-        config.decoder_start_token_id = decoder_start(model)
+    config = greedy_config(model, tokenizer, family, max_new_tokens)
     order = np.argsort([len(p) for p in prompts], kind="stable")
     texts: list[str] = [""] * len(prompts)
-    side = "right" if family == "encoder-decoder" else "left"
+    side = prompt_padding_side(family)
     for i in range(0, len(order), batch_size):
         chunk = order[i:i + batch_size]
         with padding_side(tokenizer, side):
