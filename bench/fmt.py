@@ -2,6 +2,8 @@
 and a config value exactly, for an override."""
 from __future__ import annotations
 
+import re
+
 UNITS = ("B", "KiB", "MiB", "GiB")
 MAX_ERROR_CHARS = 1000  # an error line also goes into MLflow tags and trial attributes: keep it bounded
 
@@ -35,3 +37,11 @@ def short(v) -> str:
 def override_value(v) -> str:
     """Exact, for overrides (repr keeps every digit of a float)."""
     return repr(v) if isinstance(v, float) else str(v)
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+
+
+def redact_url(value):
+    """A password in a URL (postgresql://user:pw@host/db) becomes ***; other values are returned as they are."""
+    return _URL_PASSWORD.sub(r"\1***@", value) if isinstance(value, str) else value

@@ -4,7 +4,10 @@ A library may change these in any release. Each one has no public API that does 
 says why), its library is pinned in pyproject.toml to the range in TESTED, and a test (`guard`) fails with one line
 naming the attribute, its user and the tested range when an installed release no longer has it
 (tests/test_private_apis.py checks every entry, and that TESTED is what pyproject.toml pins). Add an entry here
-before touching another private name. transformers and mlflow: nothing private is used.
+before touching another private name. transformers and mlflow: nothing private is used. Optuna: only the trial id a
+sweep hands to its run's worker process (`trial._trial_id`, an instance attribute, so not an entry here: the one way
+to open another process's running trial, optuna.trial.Trial(study, trial_id), for the pruner; guarded by
+tests/test_sweep.py::test_the_trial_id_the_pruning_hook_passes_opens_the_same_trial).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import importlib
 from dataclasses import dataclass
 
 # the ranges the suite ran on, written as in pyproject.toml's dependencies (tests/test_private_apis.py holds them equal)
-TESTED = {"peft": "peft>=0.21,<0.22", "hydra-core": "hydra-core>=1.3,<1.4"}
+TESTED = {"peft": "peft>=0.21,<0.22", "hydra-core": "hydra-core>=1.3,<1.4", "optuna": "optuna>=4.0,<6"}
 
 
 @dataclass(frozen=True)

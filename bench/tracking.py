@@ -28,7 +28,10 @@ from omegaconf import OmegaConf
 from bench.core import metrics as M
 from bench.errors import BenchError
 from bench.files import lock
-from bench.fmt import error_line
+from bench.fmt import error_line, redact_url
+
+# with a tracking server MLflow prints "View run <name> at: <url>" whenever a run ends; the harness prints its own lines
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "mlflow", "optuna", "hydra-core")
 SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")  # never log values under such keys
@@ -63,7 +66,7 @@ def flatten(d, prefix: str = "") -> dict[str, str]:
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
         elif not is_secret(k):
-            out[key] = str(v)[:6000]  # MLflow's limit on a param value
+            out[key] = redact_url(str(v))[:6000]  # MLflow's limit on a param value
     return out
 
 
@@ -73,7 +76,7 @@ def without_secrets(d):
         return {k: without_secrets(v) for k, v in d.items() if not is_secret(k)}
     if isinstance(d, list):
         return [without_secrets(v) for v in d]
-    return d
+    return redact_url(d)
 
 
 @functools.cache
@@ -178,10 +181,11 @@ class Tracker:
     def start(self, cfg, extra_tags: dict | None = None) -> str:
         """Open a RUNNING run named method-task-model-seed with the filter tags, its run_key and the process
         that holds it (see bench/orchestration/resume.py); return its id."""
+        from bench.orchestration.heartbeat import now_tag
         from bench.orchestration.resume import process_tags, run_key
         tags = {"method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
                 "quant": cfg.quant.name, "seed": str(cfg.seed), "status": "RUNNING", "run_key": run_key(cfg),
-                **process_tags("owner"), **(extra_tags or {})}
+                **process_tags("owner"), **now_tag(), **(extra_tags or {})}
         run = self.client.create_run(self.experiment_id, run_name=run_name(cfg), tags=tags)
         return run.info.run_id
 

@@ -373,6 +373,10 @@ def test_secret_keys_are_dropped_by_flatten():
             "model": {"api_key": "d", "apikey": "e", "client_secret": "f"}}
     assert flatten(conf) == {"task.path": "x", "tracking.uri": "u"}
     assert without_secrets(conf) == {"task": {"path": "x"}, "tracking": {"uri": "u"}, "model": {}}
+    # a password inside a URL (a store on PostgreSQL) never reaches a param or the config artifact
+    conf = {"tracking": {"uri": "postgresql://bench:s3cret@db:5432/mlflow"}, "task": {"path": "http://h/x.csv"}}
+    assert flatten(conf) == {"tracking.uri": "postgresql://bench:***@db:5432/mlflow", "task.path": "http://h/x.csv"}
+    assert without_secrets(conf)["tracking"]["uri"] == "postgresql://bench:***@db:5432/mlflow"
 
 
 def test_remote_code_off_unless_the_model_config_asks():

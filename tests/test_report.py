@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from bench.core import metrics as M
+from bench.errors import BenchError
 from bench.report import build_report, main
 from bench.report import runs as report_runs
 from bench.report.predictions import Reader, local_candidates
@@ -128,10 +130,35 @@ def test_report_from_real_tiny_runs(tiny_overrides, one_thread, tmp_path):
     assert "- Runs: 10 (1 FAILED, 9 FINISHED); 6 in the method tables, 3 sweep runs" in md
 
     # the plain-SQL reader returns exactly what MLflow's own search returns
-    fast = report_runs._read_sqlite(store, uri, [EXPERIMENT])
+    fast = report_runs.read_runs(uri, [EXPERIMENT])
     slow = report_runs._read_mlflow(uri, [EXPERIMENT])
     key = lambda r: r.run_id  # noqa: E731
     assert sorted(fast, key=key) == sorted(slow, key=key)
+
+
+def test_served_artifacts_are_read_from_the_artifacts_root_when_given(tmp_path):
+    uri = "mlflow-artifacts:/3/0123abcd/artifacts"
+    assert local_candidates(uri, "http://127.0.0.1:5000") is None   # downloaded through the server
+    assert local_candidates(uri, "http://127.0.0.1:5000", str(tmp_path)) == \
+        [tmp_path / "3" / "0123abcd" / "artifacts" / M.PREDICTIONS_ARTIFACT]
+
+
+def test_sql_reader_knows_the_installed_mlflow_schema_and_refuses_another_in_one_line(tmp_path):
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.set_terminated(client.create_run(client.create_experiment(EXPERIMENT)).info.run_id)   # MLflow makes it
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        (revision,), = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    assert revision in report_runs.SCHEMAS, (f"the installed MLflow writes schema {revision}: check the SQL of "
+                                             "bench/report/runs.py against it, then add it to SCHEMAS")
+    assert len(report_runs.read_runs(uri, [EXPERIMENT])) == 1
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = 'f00dcafe1234'")
+    with pytest.raises(BenchError) as e:
+        report_runs.read_runs(uri, [EXPERIMENT])
+    assert "MLflow schema revision f00dcafe1234 is not the one bench/report/runs.py reads" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 # --- constructed cases: statistics ------------------------------------------------------------------------------

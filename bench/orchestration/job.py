@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from bench.core.quant_backend import HIDE_ENV
 from bench.errors import BenchError
 from bench.fmt import error_line
-from bench.orchestration import faults, launch, resume
+from bench.orchestration import faults, heartbeat, launch, resume
 from bench.orchestration.validate import VALIDATED_ENV, validate, was_validated
 from bench.orchestration.result import Result
 from bench.tracking import Tracker, run_name
@@ -86,7 +86,7 @@ def execute(cfg, out_dir: Path):
         from bench.orchestration.worker import run_job  # the worker's stack, imported only for in-process runs
         faults.raise_on_signals()  # SIGTERM ends this in-process run KILLED, like Ctrl-C
         try:
-            return run_job(cfg, out_dir, tracker=tracker)
+            return run_job(cfg, out_dir, tracker=tracker)   # run_job beats on the run it opens
         except Exception as e:
             result = Result.read(out_dir)
             print(f"error: {result.error if result else error_line(e)}", file=sys.stderr)
@@ -113,7 +113,7 @@ def run_in_worker(cfg, out_dir: Path, tracker, run_id: str, worker_args: tuple[s
     if cfg.quant.name == "none":
         env[HIDE_ENV] = "1"  # bench/core/quant_backend.py: this worker never imports bitsandbytes
     proc = launch.start_worker(cfg, config_path, run_id, out_dir, env, worker_args)
-    with faults.forwarding_signals(proc) as caught:
+    with faults.forwarding_signals(proc) as caught, heartbeat.beating(tracker, run_id):   # alive for every host
         returncode = faults.wait_worker(proc, caught)
     signum = caught.get("signum") or faults.interrupted_exit(returncode)
     result = Result.read(out_dir)

@@ -34,7 +34,7 @@ from bench.core import metrics as M
 from bench.errors import BenchError
 from bench.files import atomic_path
 from bench.fmt import error_line, human_bytes
-from bench.orchestration import faults, launch, resume
+from bench.orchestration import faults, heartbeat, launch, resume
 from bench.orchestration.job import run_in_worker
 from bench.orchestration.result import Result
 from bench.tracking import Tracker, run_name
@@ -335,13 +335,15 @@ def run_command(cfgs, a) -> int:
         return 0
     try:
         folder = Path(a.out_dir) / parent_id
-        results = {str(c.task.name): run_task(c, tracker, parent_id, key, folder / str(c.task.name)) for c in cfgs}
-        failed = [f"{r.name}: {r.error or r.status}" for r in results.values() if r.status != "FINISHED"]
-        if failed:
-            raise Stopped(f"{len(failed)} task run(s) did not finish ({'; '.join(failed)}); run the same command "
-                          "again to resume")
-        outcome = measure(cfgs, [r.tags["ckpt_dir"] for r in results.values()], folder / "multitask.json")
-        log_outcome(tracker, parent_id, results, outcome)
+        with heartbeat.beating(tracker, parent_id):   # other hosts see the parent run alive
+            results = {str(c.task.name): run_task(c, tracker, parent_id, key, folder / str(c.task.name))
+                       for c in cfgs}
+            failed = [f"{r.name}: {r.error or r.status}" for r in results.values() if r.status != "FINISHED"]
+            if failed:
+                raise Stopped(f"{len(failed)} task run(s) did not finish ({'; '.join(failed)}); run the same "
+                              "command again to resume")
+            outcome = measure(cfgs, [r.tags["ckpt_dir"] for r in results.values()], folder / "multitask.json")
+            log_outcome(tracker, parent_id, results, outcome)
     except KeyboardInterrupt as e:
         tracker.end(parent_id, "KILLED", f"Interrupted: {e}")
         print("stopped: the multitask run was ended KILLED; run the same command again to resume", file=sys.stderr)

@@ -5,7 +5,8 @@
   `python -m bench` skips a job whose key already has a FINISHED run in the experiment.
 - Process tags (`owner.*` for the process that opened the run, `worker.*` for the worker process that fills it)
   say who holds a RUNNING run, so a later invocation can tell a run orphaned by SIGKILL (or a power cut) from
-  one that a live process, e.g. a parallel worker, is still filling.
+  one that a live process, e.g. a parallel worker, is still filling. On another host the pids mean nothing: there
+  the run's heartbeat tag (bench/orchestration/heartbeat.py) tells, after a grace period.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from bench.orchestration import procs
+from bench.orchestration import heartbeat, procs
 from bench.files import sha256_file
 
 KEY_VERSION = 2   # 2: validation/test protocol (val/*, test/*): runs of version 1 are not reused
@@ -51,26 +52,41 @@ def process_tags(role: str = "owner") -> dict[str, str]:
             f"{role}.started": procs.start_time()}
 
 
-def holder_alive(tags: dict[str, str]) -> bool | None:
-    """True/False: whether a process that holds the run still lives; None: unknown (no tags, other host)."""
-    if "owner.pid" not in tags or tags.get("owner.host") != socket.gethostname():
+def holder_alive(tags: dict[str, str], now: float | None = None) -> bool | None:
+    """Whether a process that holds the run still lives. On the holder's host: its pids (at once); anywhere: a
+    heartbeat at most heartbeat.ORPHAN_AFTER_S old. None: nobody can tell (no heartbeat, another host)."""
+    if "owner.pid" in tags and tags.get("owner.host") == socket.gethostname():
+        return any(procs.alive(tags.get(f"{role}.pid"), tags.get(f"{role}.started")) for role in ("owner", "worker"))
+    age = heartbeat.age_s(tags, now)
+    return None if age is None else age <= heartbeat.ORPHAN_AFTER_S
+
+
+def orphaned(tags: dict[str, str], now: float | None = None) -> tuple[str, str] | None:
+    """(the run's error tag, the line's wording) when the run's holders are gone; None when they live or nobody
+    can tell (such a run is left alone)."""
+    if holder_alive(tags, now) is not False:
         return None
-    return any(procs.alive(tags.get(f"{role}.pid"), tags.get(f"{role}.started")) for role in ("owner", "worker"))
+    host = tags.get("owner.host", "?")
+    if "owner.pid" in tags and host == socket.gethostname():
+        pid = tags["owner.pid"]
+        return (f"orphaned: process {pid} on {host} ended without closing the run (SIGKILL, crash or power loss)",
+                f"left RUNNING by process {pid}, which is gone")
+    age = heartbeat.age_s(tags, now)
+    return (f"orphaned: no heartbeat from {host} for {age:.0f} s (its processes were killed, crashed, pre-empted "
+            "or lost power)", f"left RUNNING on {host}, silent for {age:.0f} s (no heartbeat)")
 
 
 def close_orphans(tracker) -> list[str]:
-    """Mark KILLED every RUNNING run of the experiment whose processes (on this host) are all gone."""
+    """Mark KILLED every RUNNING run of the experiment whose holders are gone (orphaned)."""
     closed = []
     running = tracker.client.search_runs([tracker.experiment_id], "attributes.status = 'RUNNING'",
                                          max_results=5000)
     for r in running:
-        if holder_alive(r.data.tags) is not False:
+        why = orphaned(r.data.tags)
+        if why is None:
             continue
-        pid = r.data.tags["owner.pid"]
-        tracker.end(r.info.run_id, "KILLED", f"orphaned: process {pid} on {r.data.tags['owner.host']} ended "
-                                             "without closing the run (SIGKILL, crash or power loss)")
-        print(f"closed {r.info.run_name}: left RUNNING by process {pid}, which is gone; marked KILLED "
-              f"(run {r.info.run_id})", flush=True)
+        tracker.end(r.info.run_id, "KILLED", why[0])
+        print(f"closed {r.info.run_name}: {why[1]}; marked KILLED (run {r.info.run_id})", flush=True)
         closed.append(r.info.run_id)
     return closed
 

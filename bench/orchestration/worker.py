@@ -8,6 +8,7 @@ with the reason, or KILLED), and writes result.json for the parent. The config a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from bench.core import pipeline
 from bench.core.quant_backend import HIDE_ENV
 from bench.errors import BenchError
 from bench.fmt import error_line
+from bench.orchestration import heartbeat
 from bench.orchestration.faults import die_with_parent, is_out_of_memory, raise_on_signals
 from bench.orchestration.result import Result
 from bench.tracking import Tracker, provenance, run_name
@@ -35,8 +37,16 @@ def run_job(cfg, out_dir: Path, *, run_id: str | None = None, tracker: Tracker |
     out_dir = Path(out_dir)
     quiet_libraries()
     tracker = tracker or Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    # a run opened here (train.isolate=false) beats here; a worker's run beats in the parent that waits for it
+    beat = contextlib.nullcontext() if run_id else None
     run_id = run_id or tracker.start(cfg)
+    beat = beat or heartbeat.beating(tracker, run_id)
     result = Result(name=run_name(cfg), status="RUNNING", run_id=run_id)
+    with beat:
+        return _run(cfg, out_dir, run_id, tracker, on_eval, result)
+
+
+def _run(cfg, out_dir: Path, run_id: str, tracker: Tracker, on_eval, result: Result) -> Result:
     try:
         tracker.log_config(run_id, cfg)
         if cfg.train.threads:

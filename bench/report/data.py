@@ -315,8 +315,12 @@ def build(uri: str, experiments: list[str], runs: list[RunRecord], read=_no_pred
                 multitask=[r for r in multitask if r.status == "FINISHED"], read=read)
 
 
-def load(uri: str, experiments: list[str]) -> Data:
-    reader = predictions.Reader(uri)
-    data = build(uri, experiments, read_runs(uri, experiments), reader)
+def load(uri: str, experiments: list[str], store_uri: str | None = None, artifacts_root: str | None = None) -> Data:
+    """store_uri: read the runs from the server's backend store (plain SQL); artifacts_root: its artifact folder,
+    read directly; else the artifacts come through `uri`."""
+    reader = predictions.Reader(uri, artifacts_root)
+    runs = read_runs(store_uri or uri, experiments)
+    reader.prefetch([r for r in runs if r.status == "FINISHED" and "study" not in r.tags and _has(r, ACCURACY)])
+    data = build(uri, experiments, runs, reader)
     data.remote_error = reader.remote_error
     return data

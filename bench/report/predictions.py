@@ -6,8 +6,9 @@ also has `score` (1.0: its normalized first line equals the reference): that ver
 -1 = -1 would count as right.
 
 Where the artifact is read from: a local artifact location (a plain path, a `file:` URI, or `mlflow-artifacts:`
-served from an `mlartifacts/` folder next to the SQLite store or in the working directory) is checked with one
-file test and read directly (pyarrow); any other location is downloaded through MLflow. A run without the file (old
+served from an `mlartifacts/` folder next to the SQLite store or in the working directory, or from the server's
+artifact folder named by the report's `--artifacts-root`) is checked with one file test and read directly
+(pyarrow); any other location is downloaded through MLflow, 8 at a time. A run without the file (old
 protocol, another machine's disk, a remote store that cannot be read) has no predictions: its comparisons say
 "paired test unavailable" instead of a verdict. Only runs in the method tables are read.
 """
@@ -58,9 +59,12 @@ def _store_dir(store_uri: str) -> Path | None:
     return None
 
 
-def local_candidates(artifact_uri: str, store_uri: str) -> list[Path] | None:
-    """Paths where a run's predictions file may lie on this machine; None when its artifacts are remote."""
+def local_candidates(artifact_uri: str, store_uri: str, artifacts_root: str | None = None) -> list[Path] | None:
+    """Paths where a run's predictions file may lie on this machine; None when its artifacts are remote.
+    artifacts_root: the folder a server serves `mlflow-artifacts:` from (its --artifacts-destination), on this host."""
     parsed = urlparse(artifact_uri)
+    if parsed.scheme == "mlflow-artifacts" and artifacts_root:
+        return [Path(artifacts_root) / unquote(parsed.path).lstrip("/") / PREDICTIONS_ARTIFACT]
     bases = ([_store_dir(store_uri)] if _store_dir(store_uri) else []) + [Path.cwd()]
     if parsed.scheme == "file":
         return [Path(unquote(parsed.path)) / PREDICTIONS_ARTIFACT]
@@ -95,23 +99,44 @@ class Reader:
     """run -> its Answers or None. Remote downloads stop after the first failure that is not a plain "no such
     artifact" (an unreachable server fails once, not once per run)."""
 
-    def __init__(self, store_uri: str):
-        self.store_uri = store_uri
+    THREADS = 8   # concurrent downloads from a server: each is a round trip or two, mostly waiting
+
+    def __init__(self, store_uri: str, artifacts_root: str | None = None):
+        self.store_uri, self.artifacts_root = store_uri, artifacts_root
         self.remote_error: str | None = None
+        self._fetched: dict[str, Answers | None] = {}
 
     def __call__(self, run) -> Answers | None:
-        candidates = local_candidates(run.artifact_uri or "", self.store_uri)
+        candidates = local_candidates(run.artifact_uri or "", self.store_uri, self.artifacts_root)
         if candidates is not None:
             return next((read_answers(p) for p in candidates if p.is_file()), None)
-        return self._download(run.run_id) if self.remote_error is None else None
+        if run.run_id in self._fetched:
+            return self._fetched[run.run_id]
+        return self._download(run) if self.remote_error is None else None
 
-    def _download(self, run_id: str) -> Answers | None:
+    def prefetch(self, runs) -> None:
+        """Download the remote predictions of these runs now, THREADS at a time (a server store: one request per
+        run otherwise adds up to minutes at thousands of runs)."""
+        from concurrent.futures import ThreadPoolExecutor
+        remote = [r for r in runs
+                  if local_candidates(r.artifact_uri or "", self.store_uri, self.artifacts_root) is None]
+        if not remote or self.remote_error is not None:
+            return
+        self._fetched[remote[0].run_id] = self._download(remote[0])   # an unreachable server fails once, here
+        if self.remote_error is not None:
+            return
+        with ThreadPoolExecutor(self.THREADS) as pool:
+            self._fetched.update(zip((r.run_id for r in remote[1:]), pool.map(self._download, remote[1:])))
+
+    def _download(self, run) -> Answers | None:
         import mlflow.artifacts
         from mlflow.exceptions import MlflowException
+        # by the run's artifact URI when the record has it: no request to look the run up first
+        where = ({"artifact_uri": f"{run.artifact_uri.rstrip('/')}/{PREDICTIONS_ARTIFACT}"} if run.artifact_uri else
+                 {"run_id": run.run_id, "artifact_path": PREDICTIONS_ARTIFACT})
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDICTIONS_ARTIFACT,
-                                                           tracking_uri=self.store_uri, dst_path=tmp)
+                path = mlflow.artifacts.download_artifacts(**where, tracking_uri=self.store_uri, dst_path=tmp)
             except Exception as e:
                 missing = isinstance(e, MlflowException) and e.error_code == "RESOURCE_DOES_NOT_EXIST"
                 if not missing:

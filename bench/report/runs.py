@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bench.errors import BenchError
-from bench.fmt import error_line
+from bench.fmt import error_line, redact_url
 
 # settings that do not change what a run measures (where it logs, how often it evaluates, how it is launched)
 IGNORED_PARAMS = {"seed", "rerun", "device", "train.isolate", "train.threads", "train.log_every", "train.eval_every",
@@ -82,12 +82,30 @@ def client_for(uri: str):
 
 
 def read_runs(uri: str, experiments: list[str]) -> list[RunRecord]:
-    if urlparse(uri).scheme == "sqlite":
+    """sqlite:///FILE and postgresql://... (an MLflow backend store, e.g. the stack's): plain SQL; anything else
+    (a file store, an http(s) server): MLflow's client."""
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite":
         check_store(uri)
+        db = sqlite3.connect(f"{Path(_sqlite_path(uri)).absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:   # read only: a report never writes to the store; wait out a writer's lock like MLflow would
+            return _checked(_read_sql(_Sql(db, "?", uri), experiments), uri, experiments)
+        except sqlite3.DatabaseError as e:
+            raise BenchError(f"--tracking-uri {uri}: cannot read the store: {e}") from None
+        finally:
+            db.close()
+    if scheme.startswith("postgresql"):
+        from bench.stack.postgres import driver
+        psycopg = driver()
         try:
-            return _checked(_read_sqlite(Path(_sqlite_path(uri)), uri, experiments), uri, experiments)
-        except sqlite3.DatabaseError:
-            pass  # a schema this reader does not know, or a lock held too long: let MLflow read it
+            db = psycopg.connect(uri.replace("postgresql+psycopg://", "postgresql://", 1), connect_timeout=30)
+        except psycopg.Error as e:
+            raise BenchError(f"--tracking-uri {redact_url(uri)}: cannot connect: {str(e).strip().splitlines()[0]} "
+                             "(the password comes from PGPASSWORD)") from None
+        try:
+            return _checked(_read_sql(_Sql(db, "%s", redact_url(uri)), experiments), redact_url(uri), experiments)
+        finally:
+            db.close()
     return _checked(_read_mlflow(uri, experiments), uri, experiments)
 
 
@@ -128,40 +146,72 @@ def _read_mlflow(uri: str, experiments: list[str]) -> list[RunRecord]:
     return runs
 
 
-def _read_sqlite(store: Path, uri: str, experiments: list[str]) -> list[RunRecord]:
+# MLflow's schema revisions (alembic_version) the SQL below was written for and tested on: a store of another
+# revision fails in one line instead of being misread (tests/test_report.py holds the installed MLflow's to it)
+SCHEMAS = {"dc11669786a5": "mlflow 3.17"}
+
+
+@dataclass
+class _Sql:
+    """A DB-API connection to an MLflow backend store (sqlite3 or psycopg) and its parameter mark."""
+    db: object
+    mark: str
+    uri: str
+
+    def rows(self, sql: str, args=()) -> list[tuple]:
+        cur = self.db.cursor()
+        try:
+            cur.execute(sql.replace("?", self.mark), args)
+            return cur.fetchall()
+        finally:
+            cur.close()
+
+
+def check_schema(sql: _Sql) -> None:
+    try:
+        found = [r[0] for r in sql.rows("SELECT version_num FROM alembic_version")]
+    except Exception:   # no such table: not an MLflow store, or one older than its migrations
+        found = []
+    if not found or found[0] not in SCHEMAS:
+        raise BenchError(f"--tracking-uri {sql.uri}: MLflow schema revision {found[0] if found else '(none)'} is not "
+                         f"the one bench/report/runs.py reads ({', '.join(f'{k}, {v}' for k, v in SCHEMAS.items())}); "
+                         "install that MLflow (pyproject.toml), or run `mlflow db upgrade` on a copy of an older store")
+
+
+def _read_sql(sql: _Sql, experiments: list[str] | None = None) -> list[RunRecord]:
     """The same records as _read_mlflow (tests/test_report.py checks that), read with plain SQL: MLflow's
     search_runs builds ORM objects for every param, tag and metric, ~8 s for 1,000 runs against ~0.3 s here."""
-    # read only: a report never writes to the store; wait out a writer's lock like MLflow would
-    db = sqlite3.connect(f"{store.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
-    try:
-        cols = {row[1] for row in db.execute("PRAGMA table_info(experiments)")}
-        where = "lifecycle_stage = 'active'" + (" AND workspace = 'default'" if "workspace" in cols else "")
-        known = dict(db.execute(f"SELECT name, experiment_id FROM experiments WHERE {where}").fetchall())
-        missing = [name for name in experiments if name not in known]
-        if missing:
-            raise _unknown(missing, list(known), uri)
-        names = {known[name]: name for name in experiments}
-        marks = ",".join("?" * len(names))
-        base = f"SELECT run_uuid FROM runs WHERE experiment_id IN ({marks}) AND lifecycle_stage = 'active'"
-        args = list(names)
-        tags, params, metrics = defaultdict(dict), defaultdict(dict), defaultdict(dict)
-        for rid, key, value in db.execute(f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN ({base})", args):
-            tags[rid][key] = value
-        for rid, key, value in db.execute(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({base})",
-                                          args):
-            params[rid][key] = value
-        for rid, key, value, is_nan in db.execute(
-                f"SELECT run_uuid, key, value, is_nan FROM latest_metrics WHERE run_uuid IN ({base})", args):
-            metrics[rid][key] = float("nan") if is_nan else float(value)
-        rows = db.execute("SELECT run_uuid, name, status, start_time, end_time, experiment_id, artifact_uri "
-                          f"FROM runs WHERE experiment_id IN ({marks}) AND lifecycle_stage = 'active'",
-                          args).fetchall()
-    finally:
-        db.close()
+    check_schema(sql)
+    known = dict(sql.rows("SELECT name, experiment_id FROM experiments WHERE lifecycle_stage = 'active'"
+                          + (" AND workspace = 'default'" if _has_workspace(sql) else "")))
+    missing = [name for name in experiments if name not in known]
+    if missing:
+        raise _unknown(missing, list(known), sql.uri)
+    names = {known[name]: name for name in experiments}
+    marks = ",".join("?" * len(names))
+    base = f"SELECT run_uuid FROM runs WHERE experiment_id IN ({marks}) AND lifecycle_stage = 'active'"
+    args = list(names)
+    tags, params, metrics = defaultdict(dict), defaultdict(dict), defaultdict(dict)
+    for rid, key, value in sql.rows(f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN ({base})", args):
+        tags[rid][key] = value
+    for rid, key, value in sql.rows(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({base})", args):
+        params[rid][key] = value
+    for rid, key, value, is_nan in sql.rows(
+            f"SELECT run_uuid, key, value, is_nan FROM latest_metrics WHERE run_uuid IN ({base})", args):
+        metrics[rid][key] = float("nan") if is_nan else float(value)
+    rows = sql.rows("SELECT run_uuid, name, status, start_time, end_time, experiment_id, artifact_uri "
+                    f"FROM runs WHERE experiment_id IN ({marks}) AND lifecycle_stage = 'active'", args)
     return [RunRecord(run_id=rid, name=name or tags[rid].get("mlflow.runName") or rid, status=status,
                       start_time=start or 0, end_time=end, experiment=names[exp], tags=tags[rid],
                       params=params[rid], metrics=metrics[rid], artifact_uri=uri_ or "")
             for rid, name, status, start, end, exp, uri_ in rows]
+
+
+def _has_workspace(sql: _Sql) -> bool:
+    if sql.mark == "?":
+        return "workspace" in {row[1] for row in sql.rows("PRAGMA table_info(experiments)")}
+    return bool(sql.rows("SELECT 1 FROM information_schema.columns WHERE table_name = 'experiments' AND "
+                         "column_name = 'workspace'"))
 
 
 def run_settings(run: RunRecord) -> dict[str, str]:

@@ -100,16 +100,21 @@ def _optuna_note(t) -> str:
     note = ""
     if t.state.name == "PRUNED":
         note = f"pruned at step {t.user_attrs.get('pruned_at_step', '?')}"
-    elif t.state.name == "FAIL":
-        note = t.user_attrs.get("fail_reason", "")
-    if "retry_of" in t.user_attrs:
-        note = f"retry of {t.user_attrs['retry_of']}" + (f"; {note}" if note else "")
+    elif t.state.name == "FAIL":   # no reason of its own: failed for its dead worker (bench/sweep/storage.py)
+        note = t.user_attrs.get("fail_reason") or "its worker stopped during the trial (killed, crashed or lost)"
+    # Optuna's RetryFailedTrialCallback records the trials retried in system_attrs; an interrupted trial is
+    # queued again with the user attribute retry_of
+    retried = (t.system_attrs.get("retry_history") or [None])[-1]
+    retried = retried if retried is not None else t.user_attrs.get("retry_of")
+    if retried is not None:
+        note = f"retry of {retried}" + (f"; {note}" if note else "")
     return note
 
 
 def from_optuna(study, sweep) -> Study:
     """An optuna.Study of the sweep `sweep` (bench/sweep/spec.py), with the user attributes its trials carry
-    (bench/sweep/study.py): train_steps, test_metrics, mlflow_run_id, pruned_at_step, fail_reason, retry_of."""
+    (bench/sweep/study.py): train_steps, test_metrics, mlflow_run_id, pruned_at_step, fail_reason, retry_of (and
+    the retry history Optuna's RetryFailedTrialCallback keeps in system_attrs)."""
     trials = []
     for t in study.get_trials(deepcopy=False):
         steps = t.user_attrs.get("train_steps")

@@ -15,10 +15,12 @@ import optuna
 from rich.markup import escape
 
 from bench.errors import BenchError
+from bench.orchestration import heartbeat
 from bench.orchestration.resume import process_tags
 from bench.report import sweep_outputs
 from bench.sweep import spec
-from bench.sweep.storage import default_storage, finished_count, open_or_create, sweep_lock, trial_counts
+from bench.sweep.storage import (GRACE_S, HEARTBEAT_S, SweepLock, default_storage, finished_count, open_or_create,
+                                 redact, trial_counts)
 from bench.sweep.study import Job, compose, console, work, worker_entry
 
 
@@ -31,8 +33,15 @@ def parse_args(argv):
                                               "included (default: the file's trials)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this study (default 1)")
     p.add_argument("--study", help="study name (default: the file's study, else its file name)")
-    p.add_argument("--storage", help="Optuna storage: a journal file path or a database URL "
-                                     "(default: optuna.journal beside the MLflow sqlite store)")
+    p.add_argument("--storage", help="Optuna storage: a journal file path (one machine) or a database URL such as "
+                                     "postgresql://bench@host:5432/optuna, shared by hosts (password: PGPASSWORD; "
+                                     "default: optuna.journal beside the MLflow sqlite store)")
+    p.add_argument("--heartbeat-interval", type=int, default=HEARTBEAT_S, metavar="S",
+                   help=f"database storages: a running trial's heartbeat period (Optuna's heartbeat_interval; "
+                        f"default {HEARTBEAT_S})")
+    p.add_argument("--grace-period", type=int, default=GRACE_S, metavar="S",
+                   help=f"database storages: a trial without a heartbeat for this long lost its worker; it is failed "
+                        f"and retried with the same parameters (Optuna's grace_period; default {GRACE_S})")
     p.add_argument("--reports", default="reports", help="report folder; the report goes to REPORTS/<study>/")
     p.add_argument("--out-dir", default="outputs/sweeps", help="trial folders (checkpoints, result.json) go "
                                                               "to OUT_DIR/<study>/trial-NNNN")
@@ -57,10 +66,10 @@ def threads_per_worker(workers: int, overrides: list[str]) -> list[str]:
 
 
 def parent_run(tracker, sweep, job: Job, definition: dict) -> str:
-    """The study's parent MLflow run: found by its tags when resuming, else created. Call under sweep_lock."""
+    """The study's parent MLflow run: found by its tags when resuming, else created. Call under the sweep lock."""
     found = tracker.client.search_runs(
         [tracker.experiment_id], filter_string=f"tags.study = '{job.study}' AND tags.sweep_role = 'parent' AND "
-                                               f"tags.optuna_storage = '{job.storage}'", max_results=1)
+                                               f"tags.optuna_storage = '{redact(job.storage)}'", max_results=1)
     holder = process_tags("owner")   # this process holds the parent run now (bench/orchestration/resume.py: orphans)
     if found:
         run_id = found[0].info.run_id
@@ -68,7 +77,7 @@ def parent_run(tracker, sweep, job: Job, definition: dict) -> str:
         tracker.set_tags(run_id, {"status": "RUNNING", **holder})
         return run_id
     run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep-{job.study}", tags={
-        "study": job.study, "sweep_role": "parent", "optuna_storage": job.storage, "sweep_file": str(sweep.path),
+        "study": job.study, "sweep_role": "parent", "optuna_storage": redact(job.storage), "sweep_file": str(sweep.path),
         "objective": sweep.metric, "direction": sweep.direction, "status": "RUNNING", **holder})
     run_id = run.info.run_id
     tracker.log_json(run_id, definition, "sweep_definition.json")
@@ -115,6 +124,9 @@ def _checked_sweep(a):
         raise BenchError(f"--workers: must be >= 1, got {a.workers}")
     if a.max_failures < 1:
         raise BenchError(f"--max-failures: must be >= 1, got {a.max_failures}")
+    if a.heartbeat_interval < 1 or a.grace_period <= a.heartbeat_interval:
+        raise BenchError(f"--heartbeat-interval {a.heartbeat_interval}, --grace-period {a.grace_period}: need "
+                         "1 <= heartbeat interval < grace period (seconds)")
     sweep = spec.load(a.sweep)
     base = compose(sweep.overrides + a.overrides)
     spec.check_keys(sweep, base)
@@ -139,11 +151,15 @@ def _open(a, sweep, base):
     job = Job(sweep_file=str(a.sweep), cli_overrides=list(a.overrides), trials=a.trials or sweep.trials,
               storage=storage, study=a.study or sweep.study, parent_run_id="", out_root=a.out_dir,
               workers=a.workers, worker_overrides=threads_per_worker(a.workers, sweep.overrides + a.overrides),
-              max_failures=a.max_failures)
+              max_failures=a.max_failures, heartbeat_s=a.heartbeat_interval, grace_s=a.grace_period)
     tracker = Tracker(base.tracking.uri, base.tracking.experiment)
-    with sweep_lock(storage):
-        study, created = open_or_create(job.study, storage, sweep, job.cli_overrides)
-        job.parent_run_id = parent_run(tracker, sweep, job, sweep.definition(job.cli_overrides))
+    lock = SweepLock(storage, job.study)
+    try:
+        with lock:
+            study, created = open_or_create(job.study, storage, sweep, job.cli_overrides)
+            job.parent_run_id = parent_run(tracker, sweep, job, sweep.definition(job.cli_overrides))
+    finally:
+        lock.close()
     return job, tracker, study, created
 
 
@@ -185,12 +201,14 @@ def main(argv=None) -> int:
 
     counts = trial_counts(study)
     done = finished_count(counts)
-    console.print(escape(f"study {job.study} ({'new' if created else f'resumed: {done} finished'}) in {job.storage}; "
+    console.print(escape(f"study {job.study} ({'new' if created else f'resumed: {done} finished'}) in "
+                         f"{redact(job.storage)}; "
                          f"target {job.trials} finished trials, {job.workers} worker(s); MLflow parent run "
                          f"{job.parent_run_id} in {base.tracking.uri} (experiment {base.tracking.experiment!r})"))
     status, code = "FINISHED", 0
     try:
-        code = work(job) if job.workers == 1 else run_workers(job)
+        with heartbeat.beating(tracker, job.parent_run_id):   # other hosts see the study's parent run alive
+            code = work(job) if job.workers == 1 else run_workers(job)
     except KeyboardInterrupt:
         status, code = "KILLED", 130
     except BenchError as e:
