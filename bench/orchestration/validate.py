@@ -93,6 +93,7 @@ def validate(cfg) -> None:
                              "or use quant=none")
 
     check_tracking(str(cfg.tracking.uri), cfg.tracking.experiment)
+    _check_tags(cfg.tracking.get("tags"))
 
     from bench.core import methods, models, tasks  # torch, transformers, datasets: only past the cheap checks
     if cfg.method.kind not in methods.KINDS:
@@ -103,6 +104,25 @@ def validate(cfg) -> None:
         raise BenchError(f"task.loader: unknown loader {cfg.task.loader!r}; valid: {', '.join(tasks.LOADERS)}")
     check_data(cfg.task)
     check_model(cfg)
+
+
+# tags the harness sets on every run itself (bench/tracking.py, resume.py, sweeps): tracking.tags may not set them
+RESERVED_TAGS = ("method", "model", "task", "quant", "seed", "status", "run_key", "error", "study", "trial")
+RESERVED_TAG_PREFIXES = ("mlflow.", "owner.", "worker.", "version.")
+
+
+def _check_tags(tags) -> None:
+    if tags is None:
+        return
+    if not OmegaConf.is_dict(tags):
+        raise BenchError(f"tracking.tags: must be a mapping of tag names to values (e.g. "
+                         f"+tracking.tags.campaign=nightly), got {tags!r}")
+    for name, value in tags.items():
+        if str(name) in RESERVED_TAGS or str(name).startswith(RESERVED_TAG_PREFIXES):
+            raise BenchError(f"tracking.tags.{name}: the harness sets this tag itself; valid: any other name (not "
+                             f"{', '.join(RESERVED_TAGS)}, {', '.join(p + '*' for p in RESERVED_TAG_PREFIXES)})")
+        if OmegaConf.is_config(value) or value is None:
+            raise BenchError(f"tracking.tags.{name}: must be a plain value (text or a number), got {value!r}")
 
 
 def _check_train(t) -> None:

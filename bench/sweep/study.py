@@ -81,6 +81,8 @@ def _pruning_hook(trial: optuna.Trial, sweep, last: int):
     `train_steps` attribute keeps the last evaluated step (a lower bound, should the run fail later)."""
     def on_eval(step: int, metrics: dict) -> None:
         trial.set_user_attr("train_steps", step)
+        if sweep.multi:   # Optuna prunes single-objective studies only (Trial.report refuses several objectives)
+            return
         if sweep.metric in metrics:
             trial.report(metrics[sweep.metric], step)
             if step != last and trial.should_prune():   # a prune at the last evaluation would save nothing
@@ -122,17 +124,20 @@ def _failed(study: optuna.Study, trial: optuna.Trial, tracker, run_id: str | Non
 
 def _completed(study: optuna.Study, trial: optuna.Trial, sweep, tracker, run_id: str,
                metrics: dict) -> tuple[TrialState, str]:
-    value = metrics.get(sweep.metric, math.nan)
+    values = [float(metrics.get(m, math.nan)) for m in sweep.metrics]
     trial.set_user_attr("train_steps", int(metrics[M.TRAIN_STEPS]))
     # the run's one test evaluation, for the report only (set before tell: a finished trial is read-only)
     trial.set_user_attr("test_metrics", {k: float(metrics[k]) for k in M.TEST if k in metrics})
-    if not math.isfinite(value):
-        reason = f"objective {sweep.metric} is {value}"
+    bad = [(m, v) for m, v in zip(sweep.metrics, values) if not math.isfinite(v)]
+    if bad:
+        reason = f"objective {bad[0][0]} is {bad[0][1]}"
         tracker.set_tags(run_id, {"sweep_error": reason})
         fail_trial(study, trial.number, trial._trial_id, reason)
         return TrialState.FAIL, reason
-    study.tell(trial, value)
-    return TrialState.COMPLETE, f"{sweep.metric}={value:.4f}"
+    study.tell(trial, values if sweep.multi else values[0])
+    if not sweep.multi:
+        return TrialState.COMPLETE, f"{sweep.metric}={values[0]:.4f}"
+    return TrialState.COMPLETE, ", ".join(f"{m}={short(v)}" for m, v in zip(sweep.metrics, values))
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, sweep, job: Job, tracker) -> tuple[TrialState, str]:
@@ -178,8 +183,12 @@ def progress_line(study: optuna.Study, sweep, job: Job, number: int, state: Tria
                   seconds: float) -> str:
     record = from_optuna(study, sweep)
     t, best = record.trials[number], record.best   # best on the objective (validation); its test figure is shown
-    best_text = (f"best {sweep.metric} {best.value:.4f} (trial {best.number}; its {M.TEST_ACCURACY} "
-                 f"{best.test_text()})" if best is not None else "no complete trial yet")
+    if sweep.multi:
+        best_text = (f"Pareto front: trial{'s' if len(record.front) > 1 else ''} "
+                     f"{', '.join(str(f.number) for f in record.front)}" if record.front else "no complete trial yet")
+    else:
+        best_text = (f"best {sweep.metric} {best.value:.4f} (trial {best.number}; its {M.TEST_ACCURACY} "
+                     f"{best.test_text()})" if best is not None else "no complete trial yet")
     colour = {TrialState.COMPLETE: "green", TrialState.PRUNED: "yellow"}.get(state, "red")
     who = f"[w{job.worker_index}] " if job.workers > 1 else ""
     params = " ".join(f"{k}={short(v)}" for k, v in t.settings.items())

@@ -90,8 +90,10 @@ def _partial_names(model, method_cfg, model_cfg) -> set[str]:
     raise BenchError(f"method.kind: {method_cfg.kind!r} is not one of {', '.join(PARTIAL_KINDS)}")
 
 
-# keys of a peft method YAML that belong to the harness, never handed to peft (peft_type picks the config class)
-HARNESS_KEYS = ("name", "kind", "lr", "peft_type", "trainable_layers")
+# keys of a peft method YAML that belong to the harness, never handed to peft (peft_type picks the config class);
+# `search` is the method's search space for `python -m bench.compare` (bench/sweep/search.py), read by no run
+SEARCH_KEY = "search"
+HARNESS_KEYS = ("name", "kind", "lr", "peft_type", "trainable_layers", SEARCH_KEY)
 # the one place public knob names meet peft's field names: {public name: {peft_type: peft's field}}, for the names
 # that differ; every other key of a method YAML is already the field's own name (r, alpha of LoHa / LoKr, ...)
 PEFT_FIELDS = {
