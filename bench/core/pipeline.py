@@ -121,7 +121,6 @@ def run(cfg, out_dir: Path, device: torch.device, log: Log, *, on_eval=None) -> 
     model = parts.model
     trainable, total = methods.count_parameters(model)
     log.log_metrics({M.PARAMS_TRAINABLE: trainable, M.PARAMS_TOTAL: total})  # a run that fails later has them too
-    planned, plan_tags = _plan(cfg, parts)   # plan/*: the estimate from the config alone, logged next to mem/*
 
     metrics = train.fit(model, parts.train, parts.validation, parts.tokenizer, cfg.train, seed=int(cfg.seed),
                         num_labels=parts.data.num_labels, device=device, meter=meter, on_eval=on_eval,
@@ -135,7 +134,6 @@ def run(cfg, out_dir: Path, device: torch.device, log: Log, *, on_eval=None) -> 
                                                  parts.family, device))
     ckpt_bytes = methods.save(model, cfg.method, out_dir / "ckpt")
     metrics.update(test)
-    metrics.update(planned)
     metrics.update({
         M.PARAMS_TRAINABLE: trainable,                       # parameters with requires_grad during training
         M.PARAMS_TOTAL: total,                               # see methods.count_parameters
@@ -155,6 +153,9 @@ def run(cfg, out_dir: Path, device: torch.device, log: Log, *, on_eval=None) -> 
         metrics[M.MEM_PEAK_EVAL_RESERVED] = meter.peak_reserved_bytes["eval"]
     tags = {"mem_source": "cuda_allocated" if device.type == "cuda"
             else ("rss_phase_peak" if meter.rss_resettable else "rss_lifetime_peak")}
+    # plan/*: the estimate from the config alone, logged next to mem/* (after time/total_s and every measurement)
+    planned, plan_tags = _plan(cfg, parts)
+    metrics.update(planned)
     tags.update(plan_tags)
     path = write_predictions(predictions, out_dir)
     # latency/*, test/accuracy_merged, merge/*: the trained model as deployed (bench/core/deploy.py), after the test
