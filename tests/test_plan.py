@@ -347,7 +347,7 @@ def test_cli_bad_input_is_one_line_exit_2(args, expected, tmp_path):
 
 # --- the activation estimate against real runs (slow) ----------------------------------------------------------
 
-TOLERANCE = 0.40   # |estimate / measured - 1| of the CPU activation estimate; README *Planning* has the figures
+TOLERANCE = 0.50   # |estimate / measured - 1| of the CPU activation estimate; measured worst +40 % (README *Planning*)
 CALIBRATION = {"minilm": (8, 16), "smollm2": (4, 8)}   # model: two batch sizes
 CALIBRATED_METHODS = ("lora", "prompt", "ia3", "full")
 
@@ -371,23 +371,23 @@ def _calibration_files(folder) -> dict:
     return files
 
 
-@pytest.mark.slow  # 16 real runs on 2 CPU cores: about 30 min (SmolLM2 is most of it)
-def test_activation_estimate_against_real_cpu_runs(tmp_path):
-    """Each run (`python -m bench`, a fresh worker per job, defaults but 3 steps, no latency figures) logs its plan
-    next to its measurements; the plan's CPU estimate of what training adds beyond gradients and optimizer state
-    (plan/activation_bytes + plan/overhead_bytes) against mem/train_growth_bytes - mem/grad_bytes -
-    mem/optimizer_bytes, within TOLERANCE, and the exact figures equal."""
+def calibrate(folder, methods, models=CALIBRATION) -> dict:
+    """Run each model at its two batch sizes under `methods` (`python -m bench -m`: a fresh worker per job, the
+    defaults but 3 steps, no forgetting or latency figures); check the plan's exact figures against the run's and
+    return {(model, batch, method): (estimate, measured)} of what training adds beyond gradients and optimizer state:
+    plan/activation_bytes + plan/overhead_bytes against mem/train_growth_bytes - mem/grad_bytes - mem/optimizer_bytes.
+    Also used by tests/perf/plan_calibration.py (every calibrated method; the README's table)."""
     from mlflow.tracking import MlflowClient
-    files = _calibration_files(tmp_path)
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    for model, sizes in CALIBRATION.items():
+    files = _calibration_files(folder)
+    store = f"sqlite:///{folder}/mlflow.db"
+    for model, sizes in models.items():
         for b in sizes:
             r = subprocess.run(
                 [sys.executable, "-m", "bench", f"model={model}", "task=local", f"task.path={files[b]}",
                  f"task.validation_path={files['small']}", f"task.test_path={files['small']}", f"train.batch_size={b}",
-                 "train.max_steps=3", "train.eval_every=null", "deploy.latency=false", "deploy.merged_test=false",
-                 f"tracking.uri={store}", "tracking.experiment=calibration",
-                 f"method={','.join(CALIBRATED_METHODS)}", "-m"], capture_output=True, text=True, cwd=ROOT)
+                 "train.max_steps=3", "train.eval_every=null", "forgetting=false", "deploy.latency=false",
+                 "deploy.merged_test=false", f"tracking.uri={store}", "tracking.experiment=calibration",
+                 f"method={','.join(methods)}", "-m"], capture_output=True, text=True, cwd=ROOT)
             assert r.returncode == 0, r.stderr[-2000:]
     client = MlflowClient(tracking_uri=store)
     runs = client.search_runs([client.get_experiment_by_name("calibration").experiment_id])
@@ -404,6 +404,15 @@ def test_activation_estimate_against_real_cpu_runs(tmp_path):
     for key, (est, meas) in sorted(errors.items()):
         print(f"{key[0]:8} b{key[1]:<3} {key[2]:7} estimate {est / 2**20:7.0f} MiB  measured {meas / 2**20:7.0f} MiB  "
               f"error {100 * (est / meas - 1):+4.0f} %")
-    assert len(errors) == sum(len(s) for s in CALIBRATION.values()) * len(CALIBRATED_METHODS)
+    assert len(errors) == sum(len(s) for s in models.values()) * len(methods)
+    return errors
+
+
+@pytest.mark.slow  # 8 real runs (MiniLM and SmolLM2, two batch sizes each, lora and full) on 2 CPU cores
+def test_activation_estimate_against_real_cpu_runs(tmp_path):
+    """The plan's CPU activation estimate within TOLERANCE of what real runs measure, and its exact figures equal,
+    for LoRA and full fine-tuning (the plan's best and worst case in the README's table, which
+    tests/perf/plan_calibration.py makes over all four calibrated methods)."""
+    errors = calibrate(tmp_path, ("lora", "full"))
     worst = max(abs(est / meas - 1) for est, meas in errors.values())
     assert worst <= TOLERANCE, worst
