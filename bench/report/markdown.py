@@ -13,6 +13,7 @@ from bench.core import metrics as M
 from bench.fmt import human_bytes
 from bench.report import claims, compare, curves
 from bench.report.curves import ALL, Campaign
+from bench.report import plan_check
 from bench.report.data import ACCURACY, CLASSIFICATION, SCORES, Data, Group, ScoreGroup
 from bench.report.provenance import provenance
 from bench.report.selection import selection
@@ -260,6 +261,7 @@ def render(data: Data, studies: list[Study], group_plots: dict[str, str], sweep_
     lines += claims.section(data, campaigns)
     if studies:
         lines += _sweeps_section(studies, sweep_plots)
+    lines += plan_check.section(data)   # plan/* estimates against the measurements (bench/report/plan_check.py)
     lines += provenance(data)
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -206,6 +206,53 @@ def apply(model, method_cfg, model_cfg, task_type: str = "SEQ_CLS"):
     return APPLY[method_cfg.kind](model, method_cfg, model_cfg, task_type)
 
 
+META_ONLY = re.compile(r"\bmeta\b|set_data")  # an error about the meta device (or CPU weights moved to it)
+
+
+def apply_on_meta(model, method_cfg, model_cfg, task_type: str = "SEQ_CLS"):
+    """The method applied to a copy of a meta-device model (names, shapes, dtypes; no weights): what validation
+    checks peft against (bench/orchestration/validate_model.py) and what the plan counts (bench/core/plan.py).
+
+    New adapter weights are made on the meta device too. Where peft's initialization needs real values (BOFT's
+    permutation matrices call .item()), it builds again with new weights made on the CPU, which peft then moves to
+    the meta device of the layer they adapt (adapter-sized, and freed at once). Raises whatever peft raises; an error
+    that is only about the meta device (META_ONLY) on both tries is raised too (validation lets the run decide).
+    peft's warnings are silenced (the run shows them).
+    """
+    import contextlib
+    import copy
+    import warnings
+    if method_cfg.kind != "peft":
+        return apply(copy.deepcopy(model), method_cfg, model_cfg, task_type)
+    import peft
+    config = peft_config(method_cfg, model_cfg, task_type)
+    for device in ("meta", None):
+        try:
+            default_device = torch.device(device) if device else contextlib.nullcontext()
+            with warnings.catch_warnings(), _no_boft_kernel(config), default_device:
+                warnings.simplefilter("ignore")
+                return peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
+        except Exception as e:
+            if device is None or not META_ONLY.search(str(e)):
+                raise
+
+
+def _no_boft_kernel(config):
+    """BOFT loads (or builds, with nvcc) a CUDA kernel when it wraps its first layer: not for a meta-device build."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        from peft.tuners.boft import layer
+        saved = layer._FBD_CUDA
+        layer._FBD_CUDA = saved if saved is not None else False
+        try:
+            yield
+        finally:
+            layer._FBD_CUDA = saved
+    return guard() if config.peft_type == "BOFT" else contextlib.nullcontext()
+
+
 def step_hook(model, total_steps: int):
     """What the method does after every optimizer step, as a callable taking the step (1 .. total_steps), or None.
 
