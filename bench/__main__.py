@@ -23,7 +23,7 @@ HYDRA_FLAGS_WITHOUT_JOBS = ("--cfg", "--help", "--hydra-help", "--info", "--shel
 # each job is validated when it starts
 HYDRA_FLAGS_OTHER_CONFIG = ("--config-path", "--config-name", "--config-dir", "--experimental-rerun")
 USAGE = ("usage: python -m bench [--rerun] [-m] [key=value ...] (--hydra-help lists Hydra's flags); "
-         "bench [run|sweep|report|assets|multitask] ...")
+         "bench [run|sweep|compare|report|assets|multitask|plan] ...")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")  # absolute: works for `bench`, too
@@ -85,12 +85,13 @@ def _preflight(argv: list[str]) -> int:
 
 SUBCOMMANDS = {  # `bench <name> ...` = `python -m <module> ...`; `bench run ...` and plain `bench ...` = `python -m bench`
     "sweep": "bench.sweep.cli", "report": "bench.report", "assets": "bench.assets",
-    "multitask": "bench.orchestration.multitask"}
+    "multitask": "bench.orchestration.multitask", "compare": "bench.sweep.compare",
+    "plan": "bench.plan"}
 
 
 def _subcommand(argv: list[str]) -> None:
-    """`bench sweep|report|assets|multitask ...`: hand the rest of the line to that command's main; exit with its
-    code."""
+    """`bench sweep|compare|report|assets|multitask|plan ...`: hand the rest of the line to that command's main; exit
+    with its code."""
     import importlib
     module = importlib.import_module(SUBCOMMANDS[argv[0]])
     sys.argv = [f"bench {argv[0]}", *argv[1:]]

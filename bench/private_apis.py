@@ -72,7 +72,7 @@ PEFT_LAYER_HOOKS = PrivateApi(
     "tests/test_bottleneck.py::test_peft_internals_*")
 PEFT_BOFT_KERNEL = PrivateApi(
     "peft", "peft.tuners.boft.layer", ("_FBD_CUDA", "get_fbd_cuda"),
-    "bench/core/methods/__init__.py: _no_boft_cuda_build",
+    "bench/core/methods/__init__.py: _no_boft_cuda_build, _no_boft_kernel (meta-device builds: validation, plan)",
     "sets get_fbd_cuda()'s cache to False on a machine without CUDA, so BOFT takes peft's own fallback instead of "
     "compiling a CUDA kernel that could never run (peft offers no switch); without the name it does nothing",
     "tests/test_private_apis.py::test_boft_kernel_cache_short_circuits_the_build")

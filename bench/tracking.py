@@ -59,10 +59,17 @@ def is_secret(key: str) -> bool:
     return any(w in str(key).lower() for w in SECRET_WORDS)
 
 
+# config keys that are no setting of the run: the method's search space (bench.compare), the run's own tags (logged
+# as tags); neither is a param, so neither splits the report's rows
+NOT_PARAMS = ("method.search", "tracking.tags")
+
+
 def flatten(d, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
+        if key in NOT_PARAMS:
+            continue
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
         elif not is_secret(k):
@@ -179,11 +186,13 @@ class Tracker:
                              f"{error_line(e, with_type=False)}") from e
 
     def start(self, cfg, extra_tags: dict | None = None) -> str:
-        """Open a RUNNING run named method-task-model-seed with the filter tags, its run_key and the process
-        that holds it (see bench/orchestration/resume.py); return its id."""
+        """Open a RUNNING run named method-task-model-seed with the filter tags, the config's own tags
+        (`tracking.tags`), its run_key and the process that holds it (see bench/orchestration/resume.py); return
+        its id."""
         from bench.orchestration.heartbeat import now_tag
         from bench.orchestration.resume import process_tags, run_key
-        tags = {"method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
+        own = {str(k): str(v) for k, v in (OmegaConf.select(cfg, "tracking.tags", default=None) or {}).items()}
+        tags = {**own, "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
                 "quant": cfg.quant.name, "seed": str(cfg.seed), "status": "RUNNING", "run_key": run_key(cfg),
                 **process_tags("owner"), **now_tag(), **(extra_tags or {})}
         run = self.client.create_run(self.experiment_id, run_name=run_name(cfg), tags=tags)

@@ -28,3 +28,24 @@ def test_segments_accumulate_time_and_keep_the_max_peak():
         meter.start("train")
         meter.stop("train")
     assert not meter.running("train") and meter.seconds["train"] >= 0 and meter.peak_bytes["train"] > 0
+
+
+def test_page_in_makes_file_mapped_weights_resident(tmp_path):
+    """A parameter backed by a memory-mapped file (as safetensors loads weights) is not resident until read; page_in
+    reads it, so mem/train_growth_bytes' baseline (taken after page_in) already holds it: after page_in, reading every
+    byte adds nothing, and page_in itself grew RSS by the file's size."""
+    from bench.core.measure import page_in
+    size = 64 * 1024 * 1024
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x01" * size)
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.from_file(str(path), shared=True, size=size // 4, dtype=torch.float32),
+                                  requires_grad=False)
+    meter = Meter(torch.device("cpu"))
+    before = meter.current_bytes()
+    page_in(module)
+    paged = meter.current_bytes()
+    module.w.detach().sum()                 # every byte read
+    after = meter.current_bytes()
+    assert paged - before > 0.9 * size, (before, paged)
+    assert after - paged < 4 * 1024 * 1024, (paged, after)

@@ -10,7 +10,8 @@ Definitions (the README repeats them):
   /proc/self/clear_refs), so a figure never carries a peak from an earlier phase or an earlier run.
 - mem/train_growth_bytes: the peak during training minus the memory in use right before the first training
   step (model and data loaded): what training itself adds (gradients, optimizer state, activations). CPU: RSS;
-  CUDA: allocated bytes. This is the figure that separates methods on CPU, where the process's total is dominated
+  CUDA: allocated bytes. The weights are made resident first (`page_in`): a model loaded from memory-mapped
+  safetensors is paged in on first read, which would otherwise count as training's growth. This is the figure that separates methods on CPU, where the process's total is dominated
   by the interpreter, the libraries and the frozen weights.
 - mem/weights_bytes: bytes of the model's parameters and buffers as stored (4-bit weights at their packed size;
   a tensor shared by two modules counted once).
@@ -130,6 +131,15 @@ def weights_bytes(model: torch.nn.Module) -> int:
             seen.add(key)
             total += _tensor_bytes(t)
     return total
+
+
+def page_in(model: torch.nn.Module) -> None:
+    """Read one element per 4 KiB page of every CPU parameter and buffer, so that weights mapped from a safetensors
+    file are resident before mem/train_growth_bytes takes its baseline (reading them is what pages them in)."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.device.type == "cpu" and t.numel():
+                t.detach().reshape(-1)[::max(1, 4096 // t.element_size())].sum()
 
 
 def grad_bytes(model: torch.nn.Module) -> int:

@@ -144,19 +144,22 @@ def config_source(model_cfg) -> str | None:
 
 
 @functools.cache
-def meta_model(source: str, trust_remote_code: bool, task_kind: str = "classification"):
-    """The model the task trains (`model_class`), built from config.json on the meta device: names and signatures,
-    no weights."""
+def meta_model(source: str, trust_remote_code: bool, task_kind: str = "classification", num_labels: int | None = None,
+               dtype: str = "float32"):
+    """The model the task trains (`model_class`), built from config.json on the meta device: names, shapes, dtypes
+    and signatures, no weights. num_labels: a classifier's head size (None: the config's); dtype: its parameters'
+    (the harness loads float32). Cached: copy it before changing it."""
     from transformers import AutoConfig
+    extra = {} if num_labels is None else {"num_labels": num_labels}
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except Exception as e:  # missing/garbled config.json, unknown model type, hub unreachable
         raise BenchError(f"model.name_or_path: cannot read the model config of {source}: "
                          f"{error_line(e, with_type=False)}") from e
     cls = model_class(task_kind, family(config))
     try:
         with torch.device("meta"):
-            return cls.from_config(config, trust_remote_code=trust_remote_code)
+            return cls.from_config(config, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype))
     except ValueError as e:
         what = "sequence-classification" if task_kind == "classification" else cls.__name__
         raise BenchError(f"model.name_or_path: model type {config.model_type!r} has no {what} "

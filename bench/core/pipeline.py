@@ -153,6 +153,10 @@ def run(cfg, out_dir: Path, device: torch.device, log: Log, *, on_eval=None) -> 
         metrics[M.MEM_PEAK_EVAL_RESERVED] = meter.peak_reserved_bytes["eval"]
     tags = {"mem_source": "cuda_allocated" if device.type == "cuda"
             else ("rss_phase_peak" if meter.rss_resettable else "rss_lifetime_peak")}
+    # plan/*: the estimate from the config alone, logged next to mem/* (after time/total_s and every measurement)
+    planned, plan_tags = _plan(cfg, parts)
+    metrics.update(planned)
+    tags.update(plan_tags)
     path = write_predictions(predictions, out_dir)
     # latency/*, test/accuracy_merged, merge/*: the trained model as deployed (bench/core/deploy.py), after the test
     # evaluation and outside every time/* figure
@@ -160,6 +164,24 @@ def run(cfg, out_dir: Path, device: torch.device, log: Log, *, on_eval=None) -> 
     metrics.update(deployed)
     tags.update(deploy_tags)
     return Outcome(metrics, tags, path)
+
+
+def _plan(cfg, parts: Parts) -> tuple[dict[str, float], dict[str, str]]:
+    """plan/*: bench/core/plan.py's estimate of this job (from its config on the meta device) for its longest
+    training batch on its device; tag plan_activation: trace or formula. An estimate that fails costs the run
+    nothing: no plan/* metrics, the reason in the tag plan_error."""
+    from bench.core import plan
+    from bench.fmt import error_line
+    targets = (parts.train["labels"] if parts.generative and parts.family == "encoder-decoder" else None)
+    try:
+        setting = plan.run_setting(cfg, train_lengths=[len(x) for x in parts.train["input_ids"]],
+                                   target_lengths=None if targets is None else [len(x) for x in targets],
+                                   num_labels=parts.data.num_labels, pad_token_id=parts.tokenizer.pad_token_id,
+                                   device=parts.device.type)
+        estimate = plan.estimate(cfg, setting)
+    except Exception as e:  # noqa: BLE001  an estimate must never fail the run it sits beside
+        return {}, {"plan_error": error_line(e)}
+    return plan.metrics(estimate), {"plan_activation": estimate.activation_source}
 
 
 def write_predictions(predictions, out_dir: Path) -> Path:

@@ -28,7 +28,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from bench.core import methods
 from bench.core import metrics as M
-from bench.core.measure import Meter, optimizer_bytes
+from bench.core.measure import Meter, optimizer_bytes, page_in
 
 Points = list[tuple[int, dict[str, float]]]   # (step, metrics) pairs for the store
 FLUSH_S = 60.0   # between evaluations, buffered points still reach the store at least this often (clock stopped)
@@ -172,6 +172,7 @@ def fit(model, train_ds, val_ds, tokenizer, cfg, *, seed: int, num_labels: int, 
     pending = _Pending(log)       # store writes wait for the next evaluation or FLUSH_S (clock stopped)
     best = _Best(keep_weights=cfg.select == "best", metric=select)
     last_loss, val, opt_bytes = float("nan"), {}, 0
+    page_in(model)                        # mmapped weights resident now, not counted as training's growth
     before_train = meter.current_bytes()  # mem/train_growth_bytes: model and data loaded, nothing trained yet
     bar = tqdm(range(1, steps + 1), desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     meter.start("train")

@@ -1,7 +1,8 @@
 """Resuming a multirun: a stable key per run, finished runs found by it, runs orphaned by dead processes closed.
 
 - `run_key(cfg)`: sha256 of the resolved config without what cannot change the result (tracking.*, rerun,
-  train.isolate, train.threads), plus the content of local data files. Stored as the MLflow tag `run_key`;
+  train.isolate, train.threads, method.search), plus the content of local data files, plus the run's own tags
+  (`tracking.tags`, when set: a `python -m bench.compare` campaign's runs are its own, not another command's). Stored as the MLflow tag `run_key`;
   `python -m bench` skips a job whose key already has a FINISHED run in the experiment.
 - Process tags (`owner.*` for the process that opened the run, `worker.*` for the worker process that fills it)
   say who holds a RUNNING run, so a later invocation can tell a run orphaned by SIGKILL (or a power cut) from
@@ -22,7 +23,8 @@ from bench.orchestration import heartbeat, procs
 from bench.files import sha256_file
 
 KEY_VERSION = 2   # 2: validation/test protocol (val/*, test/*): runs of version 1 are not reused
-IGNORED = ("tracking", "rerun", "train.isolate", "train.threads")  # never change what a run measures
+# never change what a run measures (method.search: the method's search space, read by bench.compare only)
+IGNORED = ("tracking", "rerun", "train.isolate", "train.threads", "method.search")
 DATA_FILE_KEYS = ("path", "test_path", "validation_path")  # task.* files whose content is in the key
 
 
@@ -34,6 +36,7 @@ def _file_digest(path: str) -> str | None:
 def run_key(cfg) -> str:
     """Stable 16-hex-digit key of everything that changes a run's result (same config, same key)."""
     conf = OmegaConf.to_container(cfg, resolve=True)
+    tags = (conf.get("tracking") or {}).get("tags") or {}
     for dotted in IGNORED:
         *parents, leaf = dotted.split(".")
         node = conf
@@ -42,7 +45,8 @@ def run_key(cfg) -> str:
         node.pop(leaf, None)
     task = conf.get("task", {})
     data = {k: _file_digest(task[k]) for k in DATA_FILE_KEYS if isinstance(task.get(k), str)}
-    blob = json.dumps({"v": KEY_VERSION, "config": conf, "data_sha256": data}, sort_keys=True, default=str)
+    key = {"v": KEY_VERSION, "config": conf, "data_sha256": data, **({"tags": tags} if tags else {})}
+    blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -69,8 +69,9 @@ def has_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def validate(cfg) -> None:
-    """Raise BenchError naming the offending key, what is wrong and the valid choices or range."""
+def validate(cfg, *, tracking: bool = True, data: bool = True) -> None:
+    """Raise BenchError naming the offending key, what is wrong and the valid choices or range. tracking / data:
+    also check the store and the task's data (`python -m bench.plan` reads neither)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         key = missing[0]
@@ -92,7 +93,9 @@ def validate(cfg) -> None:
             raise BenchError(f"quant={cfg.quant.name}: bitsandbytes is not installed (pip install bitsandbytes); "
                              "or use quant=none")
 
-    check_tracking(str(cfg.tracking.uri), cfg.tracking.experiment)
+    if tracking:
+        check_tracking(str(cfg.tracking.uri), cfg.tracking.experiment)
+    _check_tags(cfg.tracking.get("tags"))
 
     from bench.core import methods, models, tasks  # torch, transformers, datasets: only past the cheap checks
     if cfg.method.kind not in methods.KINDS:
@@ -101,8 +104,28 @@ def validate(cfg) -> None:
         raise BenchError(f"model.source: unknown source {cfg.model.source!r}; valid: {', '.join(models.SOURCES)}")
     if cfg.task.loader not in tasks.LOADERS:
         raise BenchError(f"task.loader: unknown loader {cfg.task.loader!r}; valid: {', '.join(tasks.LOADERS)}")
-    check_data(cfg.task)
+    if data:
+        check_data(cfg.task)
     check_model(cfg)
+
+
+# tags the harness sets on every run itself (bench/tracking.py, resume.py, sweeps): tracking.tags may not set them
+RESERVED_TAGS = ("method", "model", "task", "quant", "seed", "status", "run_key", "error", "study", "trial")
+RESERVED_TAG_PREFIXES = ("mlflow.", "owner.", "worker.", "version.")
+
+
+def _check_tags(tags) -> None:
+    if tags is None:
+        return
+    if not OmegaConf.is_dict(tags):
+        raise BenchError(f"tracking.tags: must be a mapping of tag names to values (e.g. "
+                         f"+tracking.tags.campaign=nightly), got {tags!r}")
+    for name, value in tags.items():
+        if str(name) in RESERVED_TAGS or str(name).startswith(RESERVED_TAG_PREFIXES):
+            raise BenchError(f"tracking.tags.{name}: the harness sets this tag itself; valid: any other name (not "
+                             f"{', '.join(RESERVED_TAGS)}, {', '.join(p + '*' for p in RESERVED_TAG_PREFIXES)})")
+        if OmegaConf.is_config(value) or value is None:
+            raise BenchError(f"tracking.tags.{name}: must be a plain value (text or a number), got {value!r}")
 
 
 def _check_train(t) -> None:
@@ -260,6 +283,20 @@ def _hydra_error_line(e) -> str:
 
 
 def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
+    checked = check_jobs(overrides, multirun)
+    if checked is None:
+        return None
+    jobs, errors = checked
+    if not errors:
+        mark_validated(cfg for _, cfg in jobs)
+    return errors
+
+
+def check_jobs(overrides: list[str], multirun: bool, **checks) -> tuple[list[tuple[list[str], object]], list[str]] | None:
+    """Compose every job of a command line (as Hydra's basic sweeper splits it) and validate each (`checks`: the
+    keyword arguments of validate); return ([(job overrides, config)], error lines), an error every job shares said
+    once, else with the first job it hits. None for what this pre-check does not model (another sweeper; a sweep
+    without -m; range sweeps)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -270,6 +307,7 @@ def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
     from bench import CONF_DIR
     failed: dict[str, list[str]] = {}  # error line -> the jobs that have it
     jobs: list = []
+    composed = []  # (job, its config, or the line saying why it does not compose)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="bench"):
@@ -277,14 +315,13 @@ def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
             try:
                 parsed = parser.parse_overrides(overrides)
             except HydraException as e:
-                return [error_line(e, with_type=False)]
+                return [], [error_line(e, with_type=False)]
             if not multirun and any(o.is_sweep_override() for o in parsed):
                 return None  # Hydra explains that a sweep needs -m
             if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
                 return None  # range / interval sweeps: Hydra's sweeper says what it supports
             jobs = _jobs(overrides, parsed, multirun)
             swept = {o for job in jobs for o in job if sum(o in j for j in jobs) < len(jobs)}  # names a job
-            composed = []  # (job, its config, or the line saying why it does not compose)
             for job in jobs:
                 try:
                     composed.append((job, compose("config", overrides=list(job))))
@@ -297,21 +334,20 @@ def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
                 line = cfg if isinstance(cfg, str) else None
                 if line is None:
                     try:
-                        validate(cfg)
+                        validate(cfg, **checks)
                     except BenchError as e:
                         line = str(e)
                     except HydraException as e:
                         line = _hydra_error_line(e)
                 if line is not None:
                     failed.setdefault(line, []).append(" ".join(o for o in job if o in swept))
-            if not failed:
-                mark_validated(cfg for _, cfg in composed)
     finally:
         GlobalHydra.instance().clear()
+    ok = [(job, cfg) for job, cfg in composed if not isinstance(cfg, str)]
     if len(jobs) == 1:
-        return list(failed)
+        return ok, list(failed)
     lines = []
     for line, js in failed.items():  # an error every job shares is said once; else with the first job it hits
         more = f" and {len(js) - 1} more jobs" if len(js) > 1 else ""
         lines.append(line if len(js) == len(jobs) else f"[{js[0]}{more}] {line}")
-    return lines
+    return ok, lines

@@ -6,10 +6,7 @@ sizes that do not divide a width, ...) is one line here instead of a traceback i
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import re
-import warnings
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -68,7 +65,7 @@ def check_model(cfg) -> None:
         _check_prompt(cfg.method.name, pc, model)
     else:
         _check_targets(cfg.method, pc, model)
-    _check_peft_builds(cfg.method.name, pc, model)
+    _check_peft_builds(cfg.method.name, model, cfg.method, cfg.model, methods.task_type(kind, family(model.config)))
 
 
 def _check_chat_template(cfg, source: str) -> None:
@@ -135,46 +132,18 @@ def _check_targets(method_cfg, pc, model) -> None:
                              f"{math.gcd(*widths)}")
 
 
-META_ONLY = re.compile(r"\bmeta\b|set_data")  # an error about the meta device (or CPU weights moved to it)
-
-
-def _check_peft_builds(method: str, pc, model) -> None:
-    """peft.get_peft_model on a copy of the meta-device model: peft's own objections, as one line.
-
-    New adapter weights are made on the meta device too. Where peft's initialization needs real values (BOFT's
-    permutation matrices call .item()), it builds again with new weights made on the CPU, which peft then moves
-    to the meta device of the layer they adapt (adapter-sized, and freed at once). An error that is only about
-    the meta device is not reported: the run, on real weights, decides.
-    """
-    import peft
-    import torch
-    for device in ("meta", None):
-        try:
-            default_device = torch.device(device) if device else contextlib.nullcontext()
-            with warnings.catch_warnings(), _no_boft_kernel(pc), default_device:
-                warnings.simplefilter("ignore")  # the run shows peft's warnings; the check stays quiet
-                peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(pc))
-            return
-        except Exception as e:
-            if META_ONLY.search(str(e)):
-                continue
-            raise BenchError(f"method={method}: peft rejects it on {type(model).__name__}: "
-                             f"{_peft_message(e)}") from e
-
-
-@contextlib.contextmanager
-def _no_boft_kernel(pc):
-    """BOFT loads (or builds, with nvcc) a CUDA kernel when it wraps its first layer: not for a check."""
-    if pc.peft_type != "BOFT":
-        yield
-        return
-    from peft.tuners.boft import layer
-    saved = layer._FBD_CUDA
-    layer._FBD_CUDA = saved if saved is not None else False
+def _check_peft_builds(method: str, model, method_cfg, model_cfg, task_type: str) -> None:
+    """peft.get_peft_model on a copy of the meta-device model (bench/core/methods: apply_on_meta, which the plan
+    shares): peft's own objections, as one line. An error that is only about the meta device is not reported: the
+    run, on real weights, decides."""
+    from bench.core import methods
     try:
-        yield
-    finally:
-        layer._FBD_CUDA = saved
+        methods.apply_on_meta(model, method_cfg, model_cfg, task_type)
+    except Exception as e:
+        if methods.META_ONLY.search(str(e)):
+            return
+        raise BenchError(f"method={method}: peft rejects it on {type(model).__name__}: "
+                         f"{_peft_message(e)}") from e
 
 
 def _peft_message(e: BaseException) -> str:

@@ -4,6 +4,7 @@
     -> data.py (groups task × model × quant, one row per method, Pareto frontiers)
        + predictions.py (each table run's predictions/test.parquet; paired tests of two rows)
        + stats.py (the definitions: seed and test-sampling intervals, paired tests, cost and latency noise)
+    -> compare.py (the tuned comparison: the runs of python -m bench.compare campaigns, by their tags)
     -> curves.py (learning curves: the task.train_per_class runs, kept out of the tables, against full's)
     -> claims.py (the Claims section: each claim against the runs; evidence.py: findings and shared evidence)
     -> sweeps.py (per study: its trials and summary, the best trial)
@@ -30,17 +31,18 @@ def build_report(uri: str, experiments: list[str], out: Path, store_uri: str | N
     """Read the runs, write `out` (Markdown) and its PNGs into the folder `out` without `.md`; return the paths.
     store_uri / artifacts_root: a server's backend store and artifact folder, read directly (`--store-uri`,
     `--artifacts-root`)."""
-    from bench.report import curves
+    from bench.report import compare, curves
     from bench.report import data as data_mod
     from bench.report import markdown, plots, sweeps
 
     data = data_mod.load(uri, experiments, store_uri, artifacts_root)
     campaigns = curves.campaigns(data)
     studies = sweeps.from_runs(data.sweep_runs)
+    tuned = compare.campaigns(data)
     out = Path(out)
     assets = out.with_suffix("")  # reports/NAME.md -> reports/NAME/ holds its plots
     written: list[Path] = []
-    group_plots, sweep_plots, curve_plots = {}, {}, {}
+    group_plots, sweep_plots, curve_plots, tuned_plots = {}, {}, {}, {}
     for group in data.groups:
         path = assets / f"acc-{group.slug}.png"
         plots.group_plot(group, path)
@@ -51,19 +53,28 @@ def build_report(uri: str, experiments: list[str], out: Path, store_uri: str | N
         if plots.curve_plot(campaign, path) is not None:
             curve_plots[campaign.slug] = f"{assets.name}/{path.name}"
             written.append(path)
+    for campaign in tuned:
+        path = assets / f"tuned-{data_mod.safe_name(campaign.name)}.png"
+        if plots.tuned_plot(campaign, path) is not None:
+            tuned_plots[campaign.name] = f"{assets.name}/{path.name}"
+            written.append(path)
     for study in studies:
         axes = sweeps.plot_axes(study)
         path = assets / f"sweep-{data_mod.safe_name(study.name)}.png"
-        if axes is None or not study.complete or plots.objective_plot(study, *axes, path) is None:
+        if study.multi:   # several objectives: the Pareto front
+            if plots.pareto_plot(study, path) is None:
+                continue
+        elif axes is None or not study.complete or plots.objective_plot(study, *axes, path) is None:
             continue
         sweep_plots[study.name] = f"{assets.name}/{path.name}"
         written.append(path)
     # only this report's own plots of groups, campaigns or studies now gone
-    for pattern in ("acc-*.png", "curve-*.png", "sweep-*.png"):
+    for pattern in ("acc-*.png", "curve-*.png", "sweep-*.png", "tuned-*.png"):
         for stale in sorted(assets.glob(pattern)) if assets.is_dir() else []:
             if stale not in written:
                 stale.unlink()
-    markdown.write(markdown.render(data, studies, group_plots, sweep_plots, campaigns, curve_plots), out)
+    markdown.write(markdown.render(data, studies, group_plots, sweep_plots, campaigns, curve_plots, tuned,
+                                   tuned_plots), out)
     return out, written
 
 

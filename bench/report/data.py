@@ -213,7 +213,8 @@ def _values(runs: list[RunRecord], metrics) -> dict[str, list[float]]:
     return {m: [r.metrics[m] for r in runs if math.isfinite(r.metrics.get(m, math.nan))] for m in metrics}
 
 
-def _row(label: str, method: str, runs: list[RunRecord], read) -> Row:
+def make_row(label: str, method: str, runs: list[RunRecord], read) -> Row:
+    """A table row of these runs (one per seed), their predictions read with `read`."""
     answers = {r.seed: found for r in runs if (found := read(r)) is not None}
     return Row(label=label, method=method, runs=runs, accuracy=mean_ci([r.metrics[ACCURACY] for r in runs]),
                values=_values(runs, MEANS + OPTIONAL), answers=answers)
@@ -299,7 +300,7 @@ def build(uri: str, experiments: list[str], runs: list[RunRecord], read=_no_pred
         by_key[(*r.key, run_kind(r))][r.tags.get("method", "?")].append(r)
     groups, superseded = [], []
     for (task, model, quant, kind) in sorted(by_key):
-        rows, dropped = _rows(by_key[(task, model, quant, kind)], lambda *a: _row(*a, read))
+        rows, dropped = _rows(by_key[(task, model, quant, kind)], lambda *a: make_row(*a, read))
         superseded += dropped
         fulls = sorted((r for r in rows if r.method == "full"), key=lambda r: (-r.accuracy.n, r.label))
         reference = fulls[0] if fulls else None

@@ -1,7 +1,7 @@
 """The report's Markdown: per task × model × quant a table, plots and the method-selection answer
 (bench/report/selection.py), and for chrf_bleu runs a table of chrF and BLEU (no selection: no per-example
-verdicts); then the learning curves (bench/report/curves.py), the claims (bench/report/claims.py), sweeps and
-provenance (bench/report/provenance.py). Everything here is a
+verdicts); then the tuned comparison (bench/report/compare.py), the learning curves (bench/report/curves.py), the
+claims (bench/report/claims.py), sweeps and provenance (bench/report/provenance.py). Everything here is a
 function of the runs alone (stable order, no generation time). The wording rules: bench/report/wording.py;
 the definitions: bench/report/stats.py, told to the reader in HOW_TO_READ.
 """
@@ -11,8 +11,9 @@ from pathlib import Path
 
 from bench.core import metrics as M
 from bench.fmt import human_bytes
-from bench.report import claims, curves
+from bench.report import claims, compare, curves
 from bench.report.curves import ALL, Campaign
+from bench.report import plan_check
 from bench.report.data import ACCURACY, CLASSIFICATION, SCORES, Data, Group, ScoreGroup
 from bench.report.provenance import provenance
 from bench.report.selection import selection
@@ -210,22 +211,31 @@ def _sweeps_section(studies: list[Study], plots: dict[str, str]) -> list[str]:
             shown = (f"{pct(test)} %" if test is not None else f"chrF {chrf:.1f} (`{M.TEST_CHRF}`)"
                      if chrf is not None else "-")
             best = (f"{s.best.value:.4g}", shown, str(s.best.number), f"`{config}`")
+        elif s.multi and s.front:   # several objectives: the Pareto front, not one best trial
+            best = (f"Pareto front of {len(s.front)}", "-", ", ".join(str(t.number) for t in s.front),
+                    "; ".join(f"`{' '.join(f'{k}={t.settings.get(k, chr(45))}' for k in s.searched)}`"
+                              for t in s.front))
         else:
             best = ("-", "-", "-", "no finished trial")
+        objective = ", ".join(f"{d} {m}" for m, d in s.objectives) if s.multi else f"{s.direction} {s.objective}"
         lines.append("| " + " | ".join(cell(c) for c in (
-            s.name, f"{s.direction} {s.objective}", str(len(s.complete)), str(s.counts["FAIL"]),
+            s.name, objective, str(len(s.complete)), str(s.counts["FAIL"]),
             str(s.counts["PRUNED"]), str(s.counts["RUNNING"]), *best)) + " |")
     lines.append("")
     for s in studies:
         if s.name in plots:
-            lines += [f"![study {s.name}: objective per trial]({plots[s.name]})", ""]
+            what = "Pareto front" if s.multi else "objective per trial"
+            lines += [f"![study {s.name}: {what}]({plots[s.name]})", ""]
     return lines
 
 
 def render(data: Data, studies: list[Study], group_plots: dict[str, str], sweep_plots: dict[str, str],
-           campaigns: list[Campaign] | None = None, curve_plots: dict[str, str] | None = None) -> str:
-    """campaigns: the learning curves (curves.campaigns(data)), curve_plots: slug -> PNG; then the claims."""
+           campaigns: list[Campaign] | None = None, curve_plots: dict[str, str] | None = None,
+           tuned: list | None = None, tuned_plots: dict[str, str] | None = None) -> str:
+    """campaigns: the learning curves (curves.campaigns(data)), curve_plots: slug -> PNG; then the claims. tuned:
+    the tuned-comparison campaigns (compare.campaigns(data)), tuned_plots: name -> PNG."""
     campaigns = curves.campaigns(data) if campaigns is None else campaigns
+    tuned = compare.campaigns(data) if tuned is None else tuned
     finished = (sum(r.accuracy.n for g in data.groups for r in g.rows)
                 + sum(r.headline.n for g in data.score_groups for r in g.rows)
                 + len({r.run_id for c in campaigns for line in c.lines for k, p in line.points.items()
@@ -238,6 +248,7 @@ def render(data: Data, studies: list[Study], group_plots: dict[str, str], sweep_
     if not data.groups and not data.score_groups:
         lines += [f"No FINISHED runs with `{ACCURACY}` outside sweeps: there is nothing to compare yet.", ""]
     links = ([f"[{g.title}](#{_anchor(g.title)})" for g in [*data.groups, *data.score_groups]]
+             + (["[Tuned comparison](#tuned-comparison)"] if tuned else [])
              + (["[Learning curves](#learning-curves)"] if campaigns else []) + ["[Claims](#claims)"]
              + (["[Sweeps](#sweeps)"] if studies else []) + ["[Provenance](#provenance)"])
     lines += ["Contents: " + ", ".join(links) + ".", ""]
@@ -245,10 +256,12 @@ def render(data: Data, studies: list[Study], group_plots: dict[str, str], sweep_
         lines += _group_section(g, group_plots.get(g.slug))
     for g in data.score_groups:
         lines += _score_section(g)
+    lines += compare.section(tuned, tuned_plots or {})
     lines += curves.section(campaigns, curve_plots or {})
     lines += claims.section(data, campaigns)
     if studies:
         lines += _sweeps_section(studies, sweep_plots)
+    lines += plan_check.section(data)   # plan/* estimates against the measurements (bench/report/plan_check.py)
     lines += provenance(data)
     return "\n".join(lines).rstrip("\n") + "\n"
 

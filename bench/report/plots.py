@@ -1,6 +1,8 @@
 """The PNGs: a group's test accuracy against each cost with the Pareto frontier (the report), a campaign's learning
-curves (test accuracy against training examples, bench/report/curves.py), and a study's objective over its settings
-(the one objective plot: the sweep's objective.png and the report's sweep plots).
+curves (test accuracy against training examples, bench/report/curves.py), a study's objective over its settings
+(the one objective plot: the sweep's objective.png and the report's sweep plots), a multi-objective study's Pareto
+front (`pareto_plot`: the sweep's pareto.png and the report's) and the tuned comparison's defaults against tuned
+(`tuned_plot`, bench/report/compare.py).
 
 matplotlib's object-oriented API only (`Figure`, no pyplot): no backend is selected and no global state changes;
 savefig renders PNG with Agg. Byte-stable: fixed sizes, layout and DPI, points in a fixed order, and no
@@ -203,5 +205,69 @@ def objective_plot(study: Study, x: str | None, y: str | None, path: Path) -> Pa
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8, markerscale=0.5)
+    _save(fig, path)
+    return path
+
+
+def pareto_plot(study: Study, path: Path) -> Path | None:
+    """A multi-objective study's COMPLETE trials on its first two objectives (the first on y), the Pareto front
+    (on all objectives) in red, joined in x order and labelled with trial numbers, dominated trials in grey. Drawn
+    here rather than with optuna.visualization.plot_pareto_front so that the sweep's PNG and the report's are the
+    same bytes from the same trials (and need no plotly). None, writing nothing, without a COMPLETE trial."""
+    (y_metric, y_dir), (x_metric, x_dir) = study.objectives[:2]
+    points = [t for t in study.trials if t.state == "COMPLETE" and t.values and None not in t.values[:2]
+              and all(math.isfinite(v) for v in t.values[:2])]
+    if not points:
+        return None
+    front = {t.number for t in study.front}
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.11, top=0.92)
+    for on in (False, True):
+        part = [t for t in points if (t.number in front) == on]
+        if part:
+            ax.scatter([t.values[1] for t in part], [t.values[0] for t in part], s=70 if on else 40, zorder=3,
+                       color=FRONT if on else "#999999", label="Pareto front" if on else "dominated")
+    line = sorted((t.values[1], t.values[0], t.number) for t in points if t.number in front)
+    ax.plot([p[0] for p in line], [p[1] for p in line], color=FRONT, linewidth=1, alpha=0.6, zorder=2)
+    for xv, yv, n in line:
+        ax.annotate(f"t{n}", (xv, yv), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    xs = [t.values[1] for t in points]
+    if min(xs) > 0 and max(xs) > 20 * min(xs):   # sizes over orders of magnitude (parameters, bytes)
+        ax.set_xscale("log")
+    ax.margins(0.12)
+    ax.set_xlabel(f"{x_metric} ({x_dir})")
+    ax.set_ylabel(f"{y_metric} ({y_dir})")
+    ax.set_title(f"study {study.name}: Pareto front of {len(points)} complete trials", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    _save(fig, path)
+    return path
+
+
+def tuned_plot(campaign, path: Path) -> Path | None:
+    """A tuned-comparison campaign (bench/report/compare.py): per method its test accuracy at the defaults (grey)
+    and tuned (red), mean and 95 % seed interval, joined by an arrow. None, writing nothing, without a method that
+    has both."""
+    from bench.report.compare import both
+    methods = sorted(both(campaign), key=lambda m: (-m.tuned.accuracy.mean, m.method))
+    if not methods:
+        return None
+    height = 1.1 + 0.45 * len(methods)   # inches: 0.6 below the axes, 0.4 above, 0.45 per method
+    fig = Figure(figsize=(7, height))
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.2, right=0.97, bottom=0.6 / height, top=1 - 0.4 / height)
+    for i, m in enumerate(methods):
+        for row, colour, label in ((m.default, "#999999", "defaults"), (m.tuned, FRONT, "tuned")):
+            ax.errorbar([100 * row.accuracy.mean], [i], xerr=[100 * (row.accuracy.half_width or 0)], fmt="o",
+                        color=colour, ecolor=colour, capsize=3, markersize=7, label=label if i == 0 else None)
+        ax.annotate("", xy=(100 * m.tuned.accuracy.mean, i), xytext=(100 * m.default.accuracy.mean, i),
+                    arrowprops={"arrowstyle": "->", "color": "#555555", "lw": 1})
+    ax.set_yticks(range(len(methods)), [m.method for m in methods])
+    ax.set_ylim(len(methods) - 0.5, -0.5)
+    ax.set_xlabel("test accuracy (%), mean and 95 % seed interval")
+    ax.set_title(f"campaign {campaign.name}: defaults → tuned", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
     _save(fig, path)
     return path

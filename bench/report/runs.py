@@ -23,7 +23,8 @@ IGNORED_PARAMS = {"seed", "rerun", "device", "train.isolate", "train.threads", "
 # method's knobs there; what the run depends on is in the method's own keys
 # deploy.*: how the trained model's inference was timed after the test evaluation (bench/core/deploy.py); it
 # changes no training figure, and runs logged before it existed share their rows with new ones
-IGNORED_PREFIXES = ("tracking.", "method.peft.", "deploy.")
+# method.search.*: the method's search space (bench.compare), no setting of the run (not logged since it exists)
+IGNORED_PREFIXES = ("tracking.", "method.peft.", "deploy.", "method.search.")
 # keys added with a null default: a run logged before one existed ran with that default (null is logged as "None")
 NULL_DEFAULTS = {"task.train_per_class"}
 # the tags that set a run apart from the method tables: a multi-task parent run (its children are ordinary runs)

@@ -5,9 +5,12 @@
 Selection (bench/core/metrics.py: the protocol). The objective is a `val/*` metric or a cost, never a test metric;
 the best trial is the best COMPLETE trial on it, the lowest trial number on a tie (as Optuna's `best_trial`). Its
 `test/*` figures are the one test evaluation of the chosen configuration: shown beside it, never selected on.
+A study with several objectives (multi-objective) has no best trial but a Pareto front (`Study.front`): the
+COMPLETE trials no other COMPLETE trial dominates (at least as good on every objective, better on one).
 
 From MLflow (tag `study`; trials also tag `trial`, nested under the study's parent run): the objective is the
-parent's (or a trial's) `objective` and `direction` tags when the sweep logged them, else val/accuracy, maximized.
+parent's (or a trial's) `objective` and `direction` tags when the sweep logged them, else val/accuracy, maximized;
+several objectives: the parent's `objectives` tag (`val/accuracy:maximize,params/trainable:minimize`).
 A run's status maps to a trial state: FINISHED -> COMPLETE, KILLED (pruned, or interrupted) -> PRUNED (a value
 only when tagged `pruned`), FAILED -> FAIL, RUNNING -> RUNNING, SCHEDULED -> WAITING.
 """
@@ -40,6 +43,7 @@ class Trial:
     seconds: float | None = None
     run_id: str | None = None
     note: str = ""               # why it was pruned or failed, or which trial it retries
+    values: tuple | None = None  # every objective's value, in the study's order (value is the first)
 
     def test_text(self, metric: str = M.TEST_ACCURACY) -> str:
         v = self.test.get(metric)
@@ -53,8 +57,20 @@ class Study:
     direction: str               # maximize | minimize
     trials: list[Trial]          # ordered by trial number
     searched: list[str]          # the settings the study varies
-    best: Trial | None
+    best: Trial | None           # None with several objectives: see front
     counts: dict[str, int]       # trials per state, every one of STATES
+    objectives: list = field(default_factory=list)   # (metric, direction) per objective; the first = objective
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def front(self) -> list[Trial]:
+        """The Pareto front of the COMPLETE trials on all objectives, in trial order (one objective: the best)."""
+        if not self.multi:
+            return [self.best] if self.best is not None else []
+        return pareto_trials(self.trials, self.objectives)
 
     @property
     def complete(self) -> list[Trial]:
@@ -80,6 +96,10 @@ class Study:
             "best_run_id": None if best is None else best.run_id,
             # the best trial's one test evaluation: reported beside the selection, not used for it
             "best_test": None if best is None else dict(best.test),
+            **({"objectives": [list(o) for o in self.objectives],
+                "pareto_front": [{"trial": t.number, "values": dict(zip((m for m, _ in self.objectives), t.values)),
+                                  "params": t.params, "overrides": dict(t.settings), "run_id": t.run_id,
+                                  "test": dict(t.test)} for t in self.front]} if self.multi else {}),
         }
 
 
@@ -90,9 +110,36 @@ def best_trial(trials: list[Trial], direction: str) -> Trial | None:
     return min(scored, key=lambda t: (sign * t.value, t.number, t.run_id or ""), default=None)
 
 
-def summarize(name: str, objective: str, direction: str, trials: list[Trial], searched: list[str]) -> Study:
+def pareto_trials(trials: list[Trial], objectives: list) -> list[Trial]:
+    """COMPLETE trials with every objective finite that no other such trial dominates, in trial order."""
+    signs = [1 if d == "maximize" else -1 for _, d in objectives]
+    scored = [t for t in trials if t.state == "COMPLETE" and t.values is not None and len(t.values) == len(signs)
+              and all(v is not None and math.isfinite(v) for v in t.values)]
+
+    def dominates(a: Trial, b: Trial) -> bool:
+        pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values)]
+        return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
+    return [t for t in scored if not any(dominates(o, t) for o in scored if o is not t)]
+
+
+def summarize(name: str, objective: str, direction: str, trials: list[Trial], searched: list[str],
+              objectives: list | None = None) -> Study:
     counts = {s: sum(t.state == s for t in trials) for s in STATES}
-    return Study(name, objective, direction, trials, searched, best_trial(trials, direction), counts)
+    objectives = [tuple(o) for o in (objectives or [(objective, direction)])]
+    best = None if len(objectives) > 1 else best_trial(trials, direction)
+    return Study(name, objective, direction, trials, searched, best, counts, objectives)
+
+
+def objectives_tag(objectives: list) -> str:
+    """The parent run's `objectives` tag: `val/accuracy:maximize,params/trainable:minimize`."""
+    return ",".join(f"{m}:{d}" for m, d in objectives)
+
+
+def parse_objectives(tag: str | None) -> list[tuple[str, str]] | None:
+    if not tag:
+        return None
+    found = [tuple(part.rsplit(":", 1)) for part in tag.split(",") if ":" in part]
+    return found if len(found) > 1 else None
 
 
 # --- from Optuna: the sweep's own record ----------------------------------------------------------------------
@@ -119,13 +166,14 @@ def from_optuna(study, sweep) -> Study:
     for t in study.get_trials(deepcopy=False):
         steps = t.user_attrs.get("train_steps")
         trials.append(Trial(
-            number=t.number, state=t.state.name, value=t.value,
+            number=t.number, state=t.state.name, value=t.values[0] if t.values else None,
+            values=tuple(t.values) if t.values else None,
             settings=sweep.run_overrides(t.params) if set(t.params) == set(sweep.space) else {},
             params=t.params, test=dict(t.user_attrs.get("test_metrics") or {}),
             steps=None if steps is None else int(steps),
             seconds=t.duration.total_seconds() if t.duration else None,
             run_id=t.user_attrs.get("mlflow_run_id"), note=_optuna_note(t)))
-    return summarize(study.study_name, sweep.metric, sweep.direction, trials, sweep.searched_keys)
+    return summarize(study.study_name, sweep.metric, sweep.direction, trials, sweep.searched_keys, sweep.objectives)
 
 
 # --- from MLflow: the report's reading -------------------------------------------------------------------------
@@ -141,13 +189,14 @@ def _trial_number(run: RunRecord) -> int:
     return int(n) if n is not None else 1 << 30
 
 
-def _run_trial(run: RunRecord, objective: str) -> Trial:
+def _run_trial(run: RunRecord, objectives: list) -> Trial:
     state = FROM_MLFLOW.get(run.status, "FAIL")
-    value = run.metrics.get(objective)
+    values = tuple(run.metrics.get(m) for m, _ in objectives)
+    value = values[0]
     if state == "PRUNED" and run.tags.get("pruned") != "true":
         value = None   # interrupted, not pruned: its last figure says nothing about the settings
     steps = run.metrics.get(M.TRAIN_STEPS)
-    return Trial(number=_trial_number(run), state=state, value=value, settings=run_settings(run),
+    return Trial(number=_trial_number(run), state=state, value=value, values=values, settings=run_settings(run),
                  test={k: run.metrics[k] for k in M.TEST if k in run.metrics},
                  steps=None if steps is None else int(steps),
                  seconds=(run.end_time - run.start_time) / 1000 if run.end_time else None, run_id=run.run_id,
@@ -172,10 +221,11 @@ def from_runs(runs: list[RunRecord]) -> list[Study]:
                        key=lambda r: (_trial_number(r), r.start_time, r.run_id))
         parents = sorted((r for r in by_name[name] if "trial" not in r.tags), key=lambda r: (r.start_time, r.run_id))
         source = {**{k: v for t in runs_ for k, v in t.tags.items()}, **(parents[-1].tags if parents else {})}
-        objective = source.get("objective", DEFAULT_OBJECTIVE)
-        trials = [_run_trial(r, objective) for r in runs_]
+        objective, direction = source.get("objective", DEFAULT_OBJECTIVE), source.get("direction", "maximize")
+        objectives = parse_objectives(source.get("objectives")) or [(objective, direction)]
+        trials = [_run_trial(r, objectives) for r in runs_]
         complete = [t for t in trials if t.state == "COMPLETE" and t.value is not None]
-        out.append(summarize(name, objective, source.get("direction", "maximize"), trials, _searched(complete)))
+        out.append(summarize(name, objective, direction, trials, _searched(complete), objectives))
     return out
 
 

@@ -18,6 +18,7 @@ from bench.errors import BenchError
 from bench.orchestration import heartbeat
 from bench.orchestration.resume import process_tags
 from bench.report import sweep_outputs
+from bench.report.sweeps import objectives_tag
 from bench.sweep import spec
 from bench.sweep.storage import (GRACE_S, HEARTBEAT_S, SweepLock, default_storage, finished_count, open_or_create,
                                  redact, trial_counts)
@@ -78,7 +79,8 @@ def parent_run(tracker, sweep, job: Job, definition: dict) -> str:
         return run_id
     run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep-{job.study}", tags={
         "study": job.study, "sweep_role": "parent", "optuna_storage": redact(job.storage), "sweep_file": str(sweep.path),
-        "objective": sweep.metric, "direction": sweep.direction, "status": "RUNNING", **holder})
+        "objective": sweep.metric, "direction": sweep.direction, "status": "RUNNING", **holder,
+        **({"objectives": objectives_tag(sweep.objectives)} if sweep.multi else {})})
     run_id = run.info.run_id
     tracker.log_json(run_id, definition, "sweep_definition.json")
     tracker.log_text(run_id, Path(sweep.path).read_text(), "sweep.yaml")
@@ -130,7 +132,7 @@ def _checked_sweep(a):
     sweep = spec.load(a.sweep)
     base = compose(sweep.overrides + a.overrides)
     spec.check_keys(sweep, base)
-    sweep.make_sampler(), sweep.make_pruner()   # their arguments, checked before a study exists
+    sweep.make_sampler(), sweep.make_pruner(), sweep.make_importance()   # checked before a study exists
     validate(base)
     for o in sweep.overrides + a.overrides:
         if override_key(o) in sweep.searched_keys:

@@ -5,6 +5,9 @@ Schema (README: Sweeps):
     overrides: [method=lora, ...]    # base run overrides, as on the `python -m bench` command line
     objective: {metric: val/accuracy, direction: maximize}   # a val/* metric or a cost (see OBJECTIVES);
                                      # direction defaults to the metric's own (DEFAULT_DIRECTION)
+    objectives:                      # or several (multi-objective: a Pareto front, no pruner), not both
+      - {metric: val/accuracy}
+      - {metric: params/trainable}
     trials: 30                       # finished (COMPLETE + PRUNED) trials to reach; --trials overrides
     search_space:                    # name -> {type: categorical|int|float, ...}
       method.r: {type: categorical, choices: [2, 4, 8]}
@@ -13,7 +16,13 @@ Schema (README: Sweeps):
       method.alpha: method.r * alpha_per_rank
     sampler: {type: TPESampler, seed: 0}      # any optuna.samplers class + its keyword arguments
     pruner: {type: MedianPruner, n_warmup_steps: 200}   # any optuna.pruners class; absent or null: no pruning
+    importance: {type: FanovaImportanceEvaluator, seed: 0}   # any optuna.importance evaluator + its arguments
     plot: {x: method.r, y: method.alpha}      # axes of the objective plot (searched or derived keys)
+
+Optuna 5 changed defaults that move results: TPE became multivariate with constant liar, TPE became the default
+multi-objective sampler (NSGA-II before), PED-ANOVA the default importance evaluator (fANOVA before). A sweep
+therefore names its sampler (PINNED fills TPE's two flags when a file leaves them out) and its importance evaluator
+(DEFAULT_IMPORTANCE when a file names none), so a study samples and ranks the same under Optuna 4 and 5.
 """
 from __future__ import annotations
 
@@ -35,7 +44,10 @@ from bench.fmt import error_line
 # Optuna 5 changed TPE's defaults (multivariate, with constant liar); a sweep names them, so that a study samples the
 # same under Optuna 4 and 5 (pyproject allows both): a file that leaves them out gets these
 PINNED = {"TPESampler": {"multivariate": True, "constant_liar": True}}
-KEYS = ("study", "overrides", "objective", "trials", "search_space", "derived", "sampler", "pruner", "plot")
+KEYS = ("study", "overrides", "objective", "objectives", "trials", "search_space", "derived", "sampler", "pruner",
+        "importance", "plot")
+DEFAULT_IMPORTANCE = {"type": "FanovaImportanceEvaluator", "seed": 0}   # Optuna 4's default, named
+SINGLE_OBJECTIVE_SAMPLERS = ("CmaEsSampler",)   # optuna.samplers that cannot take several objectives
 PARAM_TYPES = ("categorical", "int", "float")
 DIRECTIONS = ("maximize", "minimize")
 # What a sweep may select on, from the registry (bench/core/metrics.py: the protocol): the validation metrics with a
@@ -78,7 +90,7 @@ class Sweep:
     path: Path
     study: str
     overrides: list[str]
-    metric: str
+    metric: str          # the (first) objective: what the pruner reads and a single-objective study selects on
     direction: str
     trials: int | None   # None: the command line must give --trials
     space: dict[str, optuna.distributions.BaseDistribution]
@@ -88,6 +100,25 @@ class Sweep:
     pruner: dict | None = None
     plot: dict = field(default_factory=dict)
     helpers: set[str] = field(default_factory=set)   # searched names that are not config keys (set by check)
+    objectives: list[tuple[str, str]] = field(default_factory=list)   # (metric, direction), the first = metric
+    importance: dict = field(default_factory=lambda: dict(DEFAULT_IMPORTANCE))
+
+    def __post_init__(self):
+        if not self.objectives:
+            self.objectives = [(self.metric, self.direction)]
+
+    @property
+    def multi(self) -> bool:
+        """Several objectives: the study keeps a Pareto front, not one best trial, and nothing is pruned."""
+        return len(self.objectives) > 1
+
+    @property
+    def metrics(self) -> list[str]:
+        return [m for m, _ in self.objectives]
+
+    @property
+    def directions(self) -> list[str]:
+        return [d for _, d in self.objectives]
 
     def run_overrides(self, params: dict) -> dict[str, object]:
         """The config values one trial runs with: searched config keys, then derived keys (in file order)."""
@@ -103,7 +134,8 @@ class Sweep:
 
     def definition(self, cli_overrides: list[str]) -> dict:
         """What makes a study: resuming with a different definition would mix incomparable trials."""
-        return {"overrides": self.overrides + list(cli_overrides), "objective": [self.metric, self.direction],
+        objective = [list(o) for o in self.objectives] if self.multi else [self.metric, self.direction]
+        return {"overrides": self.overrides + list(cli_overrides), "objective": objective,
                 "search_space": self.raw_space, "derived": {k: " * ".join(map(str, v)) for k, v in
                                                              self.derived.items()},
                 "sampler": self.sampler, "pruner": self.pruner}
@@ -130,6 +162,11 @@ class Sweep:
             return optuna.pruners.NopPruner()
         kwargs = dict(self.pruner)
         return _construct(getattr(optuna.pruners, kwargs.pop("type")), f"{self.path}: pruner", **kwargs)
+
+    def make_importance(self):
+        """The file's parameter-importance evaluator (optuna.importance), named, never Optuna's default."""
+        kwargs = dict(self.importance)
+        return _construct(getattr(optuna.importance, kwargs.pop("type")), f"{self.path}: importance", **kwargs)
 
 
 def _construct(cls, where: str, *args, **kwargs):
@@ -211,19 +248,46 @@ def _read(path: Path) -> dict:
     return doc
 
 
-def _objective(path: Path, doc: dict) -> tuple[str, str]:
-    objective = doc.get("objective") or {}
-    if not isinstance(objective, dict):
-        raise BenchError(f"{path}: objective: must be {{metric: METRIC, direction: maximize|minimize}}")
+def _one_objective(where: str, objective) -> tuple[str, str]:
+    if not isinstance(objective, dict) or set(objective) - {"metric", "direction"}:
+        raise BenchError(f"{where}: must be {{metric: METRIC, direction: maximize|minimize}}, got {objective!r}")
     metric = objective.get("metric", DEFAULT_OBJECTIVE)
-    check_objective(f"{path}: objective.metric", metric)
+    check_objective(f"{where}.metric", metric)
     direction = objective.get("direction", DEFAULT_DIRECTION[metric])
     if direction not in DIRECTIONS:
-        raise BenchError(f"{path}: objective.direction: {direction!r}; valid: {', '.join(DIRECTIONS)}")
+        raise BenchError(f"{where}.direction: {direction!r}; valid: {', '.join(DIRECTIONS)}")
     return metric, direction
 
 
-def _sampler_pruner(path: Path, doc: dict, space: dict, metric: str) -> tuple[dict, dict | None]:
+def _objectives(path: Path, doc: dict) -> list[tuple[str, str]]:
+    """`objective` (one) or `objectives` (a list of two or more, each metric once)."""
+    if "objectives" not in doc:
+        return [_one_objective(f"{path}: objective", doc.get("objective") or {})]
+    if "objective" in doc:
+        raise BenchError(f"{path}: objective and objectives: set one of them (objectives: a list, for several)")
+    listed = doc["objectives"]
+    if not isinstance(listed, list) or len(listed) < 2:
+        raise BenchError(f"{path}: objectives: must list two or more {{metric, direction}} (one objective: "
+                         f"objective: {{metric: ...}}), got {listed!r}")
+    found = [_one_objective(f"{path}: objectives[{i}]", o) for i, o in enumerate(listed)]
+    metrics = [m for m, _ in found]
+    twice = sorted({m for m in metrics if metrics.count(m) > 1})
+    if twice:
+        raise BenchError(f"{path}: objectives: {', '.join(twice)} listed twice; each metric once")
+    return found
+
+
+def _importance(path: Path, doc: dict) -> dict:
+    found = doc.get("importance")
+    found = dict(DEFAULT_IMPORTANCE) if found is None else found
+    valid = _classes(optuna.importance, optuna.importance.BaseImportanceEvaluator)
+    if not isinstance(found, dict) or found.get("type") not in valid:
+        raise BenchError(f"{path}: importance.type: {found!r}; valid: {', '.join(valid)}")
+    return dict(found)
+
+
+def _sampler_pruner(path: Path, doc: dict, space: dict, objectives: list) -> tuple[dict, dict | None]:
+    metric = objectives[0][0]
     sampler, pruner = dict(doc.get("sampler") or {"type": "TPESampler"}), doc.get("pruner")
     for key, value in PINNED.get(sampler.get("type"), {}).items():
         sampler.setdefault(key, value)
@@ -237,6 +301,14 @@ def _sampler_pruner(path: Path, doc: dict, space: dict, metric: str) -> tuple[di
     valid = _classes(optuna.pruners, optuna.pruners.BasePruner)
     if pruner is not None and (not isinstance(pruner, dict) or pruner.get("type") not in valid):
         raise BenchError(f"{path}: pruner.type: {pruner!r}; valid: {', '.join(valid)}, or null for none")
+    if len(objectives) > 1 and sampler["type"] in SINGLE_OBJECTIVE_SAMPLERS:
+        raise BenchError(f"{path}: sampler.type: {sampler['type']} takes one objective, the file lists "
+                         f"{len(objectives)}; valid with several: TPESampler, NSGAIISampler, NSGAIIISampler, "
+                         "RandomSampler, GridSampler")
+    if pruner and len(objectives) > 1:
+        raise BenchError(f"{path}: pruner: Optuna's pruners do not support multi-objective studies "
+                         f"({len(objectives)} objectives); set pruner: null (each trial then trains its whole budget), "
+                         "or keep one objective to prune")
     if pruner and metric not in M.VAL_PERIODIC:
         raise BenchError(f"{path}: pruner: needs an objective.metric the periodic evaluation reports "
                          f"({', '.join(M.VAL_PERIODIC)}); got {metric!r}; set pruner: null")
@@ -250,7 +322,8 @@ def load(path: str | Path) -> Sweep:
     overrides = doc.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise BenchError(f"{path}: overrides: must be a list of strings like 'method=lora'")
-    metric, direction = _objective(path, doc)
+    objectives = _objectives(path, doc)
+    metric, direction = objectives[0]
 
     raw_space = doc.get("search_space") or {}
     if not isinstance(raw_space, dict) or not raw_space:
@@ -260,7 +333,7 @@ def load(path: str | Path) -> Sweep:
     if not isinstance(derived_raw, dict):
         raise BenchError(f"{path}: derived: must map config keys to products like 'method.r * alpha_per_rank'")
     derived = {key: _factors(f"{path}: derived.{key}", expr, space) for key, expr in derived_raw.items()}
-    sampler, pruner = _sampler_pruner(path, doc, space, metric)
+    sampler, pruner = _sampler_pruner(path, doc, space, objectives)
 
     trials = doc.get("trials")
     if trials is None and sampler["type"] == "GridSampler":
@@ -273,7 +346,8 @@ def load(path: str | Path) -> Sweep:
         raise BenchError(f"{path}: plot: must be {{x: KEY, y: KEY}} (y optional)")
     return Sweep(path=path, study=str(doc.get("study") or path.stem), overrides=overrides, metric=metric,
                  direction=direction, trials=trials, space=space, raw_space=raw_space, derived=derived,
-                 sampler=sampler, pruner=pruner, plot=plot)
+                 sampler=sampler, pruner=pruner, plot=plot, objectives=objectives,
+                 importance=_importance(path, doc))
 
 
 def check_keys(sweep: Sweep, config) -> None:

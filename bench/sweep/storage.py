@@ -175,7 +175,7 @@ def open_or_create(name: str, storage: str, sweep, cli_overrides: list[str]) -> 
     try:
         study = optuna.load_study(study_name=name, storage=opened)
     except KeyError:
-        study = optuna.create_study(study_name=name, storage=opened, direction=sweep.direction)
+        study = optuna.create_study(study_name=name, storage=opened, directions=sweep.directions)
         study.set_user_attr("definition", definition)
         study.set_user_attr("fingerprint", fingerprint)
         study.set_user_attr("sweep_file", str(sweep.path))

@@ -90,6 +90,8 @@ def _pruning_hook(trial: optuna.Trial, sweep, last: int):
     `train_steps` attribute keeps the last evaluated step (a lower bound, should the run fail later)."""
     def on_eval(step: int, metrics: dict) -> None:
         trial.set_user_attr("train_steps", step)
+        if sweep.multi:   # Optuna prunes single-objective studies only (Trial.report refuses several objectives)
+            return
         if sweep.metric in metrics:
             trial.report(metrics[sweep.metric], step)
             if step != last and trial.should_prune():   # a prune at the last evaluation would save nothing
@@ -132,17 +134,19 @@ def _failed(trial: optuna.Trial, tracker, run_id: str | None, reason: str):
     raise TrialFailed(reason)
 
 
-def _completed(trial: optuna.Trial, sweep, tracker, run_id: str, metrics: dict) -> float:
-    value = metrics.get(sweep.metric, math.nan)
+def _completed(trial: optuna.Trial, sweep, tracker, run_id: str, metrics: dict) -> float | list[float]:
+    """The objective's value (several objectives: their values, in the sweep file's order)."""
+    values = [float(metrics.get(m, math.nan)) for m in sweep.metrics]
     trial.set_user_attr("train_steps", int(metrics[M.TRAIN_STEPS]))
     # the run's one test evaluation, for the report only
     trial.set_user_attr("test_metrics", {k: float(metrics[k]) for k in M.TEST if k in metrics})
-    if not math.isfinite(value):
-        reason = f"objective {sweep.metric} is {value}"
+    bad = [(m, v) for m, v in zip(sweep.metrics, values) if not math.isfinite(v)]
+    if bad:
+        reason = f"objective {bad[0][0]} is {bad[0][1]}"
         tracker.set_tags(run_id, {"sweep_error": reason})
         trial.set_user_attr("fail_reason", reason)
         raise TrialFailed(reason)
-    return value
+    return values if sweep.multi else values[0]
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, sweep, job: Job, tracker) -> float:
@@ -190,8 +194,12 @@ def progress_line(study: optuna.Study, sweep, job: Job, number: int, state: Tria
                   seconds: float) -> str:
     record = from_optuna(study, sweep)
     t, best = record.trials[number], record.best   # best on the objective (validation); its test figure is shown
-    best_text = (f"best {sweep.metric} {best.value:.4f} (trial {best.number}; its {M.TEST_ACCURACY} "
-                 f"{best.test_text()})" if best is not None else "no complete trial yet")
+    if sweep.multi:
+        best_text = (f"Pareto front: trial{'s' if len(record.front) > 1 else ''} "
+                     f"{', '.join(str(f.number) for f in record.front)}" if record.front else "no complete trial yet")
+    else:
+        best_text = (f"best {sweep.metric} {best.value:.4f} (trial {best.number}; its {M.TEST_ACCURACY} "
+                     f"{best.test_text()})" if best is not None else "no complete trial yet")
     colour = {TrialState.COMPLETE: "green", TrialState.PRUNED: "yellow"}.get(state, "red")
     who = f"[w{job.worker_index}] " if job.workers > 1 else ""
     params = " ".join(f"{k}={short(v)}" for k, v in t.settings.items())
@@ -304,7 +312,7 @@ def work(job: Job) -> int:
     def after_trial(study: optuna.Study, trial) -> None:
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
         note = trial.user_attrs.get("fail_reason", "") if trial.state == TrialState.FAIL else \
-            f"{sweep.metric}={trial.value:.4f}" if trial.state == TrialState.COMPLETE else \
+            ", ".join(f"{m}={short(v)}" for m, v in zip(sweep.metrics, trial.values)) if trial.state == TrialState.COMPLETE else \
             f"pruned at step {trial.user_attrs.get('pruned_at_step', '?')}"
         console.print(progress_line(study, sweep, job, trial.number, trial.state, note, seconds))
         sys.stdout.flush()

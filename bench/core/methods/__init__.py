@@ -90,8 +90,10 @@ def _partial_names(model, method_cfg, model_cfg) -> set[str]:
     raise BenchError(f"method.kind: {method_cfg.kind!r} is not one of {', '.join(PARTIAL_KINDS)}")
 
 
-# keys of a peft method YAML that belong to the harness, never handed to peft (peft_type picks the config class)
-HARNESS_KEYS = ("name", "kind", "lr", "peft_type", "trainable_layers")
+# keys of a peft method YAML that belong to the harness, never handed to peft (peft_type picks the config class);
+# `search` is the method's search space for `python -m bench.compare` (bench/sweep/search.py), read by no run
+SEARCH_KEY = "search"
+HARNESS_KEYS = ("name", "kind", "lr", "peft_type", "trainable_layers", SEARCH_KEY)
 # the one place public knob names meet peft's field names: {public name: {peft_type: peft's field}}, for the names
 # that differ; every other key of a method YAML is already the field's own name (r, alpha of LoHa / LoKr, ...)
 PEFT_FIELDS = {
@@ -202,6 +204,53 @@ def apply(model, method_cfg, model_cfg, task_type: str = "SEQ_CLS"):
     if method_cfg.kind not in APPLY:
         raise BenchError(f"method.kind: unknown kind {method_cfg.kind!r}; valid: {', '.join(KINDS)}")
     return APPLY[method_cfg.kind](model, method_cfg, model_cfg, task_type)
+
+
+META_ONLY = re.compile(r"\bmeta\b|set_data")  # an error about the meta device (or CPU weights moved to it)
+
+
+def apply_on_meta(model, method_cfg, model_cfg, task_type: str = "SEQ_CLS"):
+    """The method applied to a copy of a meta-device model (names, shapes, dtypes; no weights): what validation
+    checks peft against (bench/orchestration/validate_model.py) and what the plan counts (bench/core/plan.py).
+
+    New adapter weights are made on the meta device too. Where peft's initialization needs real values (BOFT's
+    permutation matrices call .item()), it builds again with new weights made on the CPU, which peft then moves to
+    the meta device of the layer they adapt (adapter-sized, and freed at once). Raises whatever peft raises; an error
+    that is only about the meta device (META_ONLY) on both tries is raised too (validation lets the run decide).
+    peft's warnings are silenced (the run shows them).
+    """
+    import contextlib
+    import copy
+    import warnings
+    if method_cfg.kind != "peft":
+        return apply(copy.deepcopy(model), method_cfg, model_cfg, task_type)
+    import peft
+    config = peft_config(method_cfg, model_cfg, task_type)
+    for device in ("meta", None):
+        try:
+            default_device = torch.device(device) if device else contextlib.nullcontext()
+            with warnings.catch_warnings(), _no_boft_kernel(config), default_device:
+                warnings.simplefilter("ignore")
+                return peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
+        except Exception as e:
+            if device is None or not META_ONLY.search(str(e)):
+                raise
+
+
+def _no_boft_kernel(config):
+    """BOFT loads (or builds, with nvcc) a CUDA kernel when it wraps its first layer: not for a meta-device build."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        from peft.tuners.boft import layer
+        saved = layer._FBD_CUDA
+        layer._FBD_CUDA = saved if saved is not None else False
+        try:
+            yield
+        finally:
+            layer._FBD_CUDA = saved
+    return guard() if config.peft_type == "BOFT" else contextlib.nullcontext()
 
 
 def step_hook(model, total_steps: int):
