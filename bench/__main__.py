@@ -9,6 +9,7 @@ bench/orchestration/job.py: execute. The summary table is printed by bench/orche
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -99,7 +100,8 @@ def _subcommand(argv: list[str]) -> None:
 
 
 def _other_launcher(argv: list[str]) -> bool:
-    """Jobs run in a launcher's own processes (joblib), each of which starts its own template when it needs one."""
+    """Jobs run in a launcher's own processes (joblib; submitit's jobs, Ray's tasks), each of which starts its own
+    template when it needs one."""
     return any(a.lstrip("+").startswith("hydra/launcher=") for a in argv)
 
 
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         _hydra_main()
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", 2)
-        print(f"stopped by {'SIGTERM' if signum == 15 else 'SIGINT'}: runs in progress were ended KILLED; "
+        print(f"stopped by {signal.Signals(signum).name}: runs in progress were ended KILLED; "
               "run the same command again to resume (finished runs are skipped)", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum) from None
 

@@ -5,6 +5,7 @@ as a real `python -m bench` command. Plumbing on a tiny random-init BERT and a t
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -168,8 +169,12 @@ CASES = [
     ("train_per_class without classes", ["task=translate_en_es", "model=smollm2", "task.train_per_class=8"],
      r"^task.train_per_class: task translate_en_es has no classes"),
     ("deploy repeats 0", ["deploy.repeats=0"], r"^deploy.repeats: must be a number > 0, got 0$"),
+    ("cluster launcher not installed", ["hydra/launcher=ray"],
+     r"^hydra/launcher=ray: needs ray, which is not installed; valid: pip install -e '\.\[cluster\]' \(installs it\), "
+     r"or hydra/launcher=basic / joblib$"),
 ]
-NOT_COMPOSABLE = {"unknown method", "unknown model", "unknown task", "unknown quant", "unknown key"}
+NOT_COMPOSABLE = {"unknown method", "unknown model", "unknown task", "unknown quant", "unknown key",
+                  "cluster launcher not installed"}   # a launcher is the command's choice: no job checks it
 # run as real `python -m bench` commands too (the rest stay in-process to keep the suite fast)
 SUBPROCESS = {"unknown method", "rank 0", "data file missing", "tracking server unreachable"}
 
@@ -236,6 +241,9 @@ def case_overrides(tiny_bert_dir, toy_csv, store):
 
 
 def _setup(case_id: str, monkeypatch, tmp_path) -> None:
+    if case_id == "cluster launcher not installed":   # as without the cluster extra (pip install -e '.[cluster]')
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     if "without bitsandbytes" in case_id:
         monkeypatch.setattr("bench.orchestration.validate.has_bitsandbytes", lambda: False)
     if case_id == "corrupted cached asset":

@@ -1,7 +1,10 @@
 """Signals, dead workers and out-of-memory: how a fault becomes a run status instead of a mess.
 
-- SIGINT / SIGTERM raise `Interrupted` (a KeyboardInterrupt, so bench.orchestration.worker.run_job ends the run KILLED); the
-  parent forwards them to its worker process and stops the multirun once the worker has closed its run.
+- SIGINT / SIGTERM / SIGUSR2 raise `Interrupted` (a KeyboardInterrupt, so bench.orchestration.worker.run_job ends the
+  run KILLED with the signal as its reason); the parent forwards them to its worker process and stops the multirun
+  once the worker has closed its run. SIGTERM and SIGUSR2 are also how a cluster scheduler stops a job (SLURM:
+  SIGTERM on pre-emption or scancel, SIGUSR2 before the time limit with --signal, which hydra-submitit-launcher
+  asks for); SIGUSR2 is then handed on to the handler the job's process had before (submitit's: requeue the job).
 - A worker process that dies without writing its result (SIGKILL, often the OS out-of-memory killer) fails
   its run, not the multirun.
 - A worker dies with its parent (Linux PR_SET_PDEATHSIG), so SIGKILL on the parent leaves no orphan training.
@@ -17,15 +20,17 @@ import time
 
 import psutil
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+HANDED_ON = (signal.SIGUSR2,)  # after the worker has closed its run, given to the handler installed before (hand_on)
+REASONS = {signal.SIGUSR2: " (the scheduler's warning before the job's time limit, e.g. SLURM --signal)"}
 GRACE_S = 60.0  # how long a worker may take to close its run after a forwarded signal before it is killed
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: the run ends KILLED and the multirun stops."""
+    """SIGINT, SIGTERM or SIGUSR2: the run ends KILLED and the multirun stops."""
 
     def __init__(self, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        super().__init__(f"interrupted by {signal.Signals(signum).name}{REASONS.get(signum, '')}")
         self.signum = signum
 
     @property
@@ -34,7 +39,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def interrupted_exit(returncode: int) -> int | None:
-    """The signal a worker's exit code says it was stopped by (SIGINT/SIGTERM), else None."""
+    """The signal a worker's exit code says it was stopped by (one of SIGNALS), else None."""
     for s in SIGNALS:
         if returncode in (128 + s, -s):
             return s
@@ -59,7 +64,7 @@ def _main_thread() -> bool:
 
 
 def raise_on_signals(stop_workers: bool = False) -> None:
-    """First SIGINT/SIGTERM raises Interrupted; later ones are ignored so the run can be closed in peace.
+    """First SIGINT/SIGTERM/SIGUSR2 raises Interrupted; later ones are ignored so the run can be closed in peace.
 
     stop_workers (the Hydra process): first let the `bench.orchestration.worker` workers below close their runs (KILLED)."""
     if not _main_thread():
@@ -95,23 +100,37 @@ def stop_descendant_workers(signum: int, grace_s: float = GRACE_S) -> None:
 
 @contextlib.contextmanager
 def forwarding_signals(proc):
-    """While `proc` (a worker) runs: SIGINT/SIGTERM go to it; yields a dict that records the signal caught."""
-    caught: dict[str, int] = {}
+    """While `proc` (a worker) runs: SIGNALS go to it; yields a dict that records the first signal caught
+    ("signum") and the handler this process had for it before ("previous", for hand_on)."""
+    caught: dict = {}
     if not _main_thread():
         yield caught
         return
+    previous: dict = {}
 
     def handler(signum, frame):
-        caught.setdefault("signum", signum)
+        if "signum" not in caught:
+            caught.update(signum=signum, previous=previous.get(signum))
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
 
-    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    for s in SIGNALS:
+        previous[s] = signal.signal(s, handler)
     try:
         yield caught
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def hand_on(caught: dict) -> None:
+    """Once the worker has closed its run: give a HANDED_ON signal (SIGUSR2) to the handler another library had
+    installed in this process before forwarding_signals. Under hydra-submitit-launcher that is submitit's, which
+    requeues the job (a SLURM time limit). The harness's own handler (raise_on_signals) is not called: the caller
+    stops as for SIGTERM."""
+    signum, previous = caught.get("signum"), caught.get("previous")
+    if signum in HANDED_ON and callable(previous) and getattr(previous, "__module__", None) != __name__:
+        previous(signum, None)
 
 
 def wait_worker(proc, caught: dict) -> int:

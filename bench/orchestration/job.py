@@ -5,8 +5,8 @@ trial). Each job:
 - closes runs of its experiment that dead processes left RUNNING (bench/orchestration/resume.py),
 - is skipped when a FINISHED run with the same run key exists (`--rerun` / `rerun=true` runs it anyway),
 - runs in a fresh worker process (`train.isolate=true`, the default), so that peak-memory figures and crashes
-  stay with their own run. SIGINT/SIGTERM are forwarded to the worker, which ends its run KILLED; the multirun
-  then stops (exit 130 / 143). A worker that dies (e.g. killed for lack of memory) fails its run only.
+  stay with their own run. SIGINT/SIGTERM/SIGUSR2 are forwarded to the worker, which ends its run KILLED; the
+  multirun then stops (exit 130 / 143 / 140). A worker that dies (e.g. killed for lack of memory) fails its run only.
 """
 from __future__ import annotations
 
@@ -25,16 +25,26 @@ from bench.orchestration.result import Result
 from bench.tracking import Tracker, run_name
 
 
-def _parallel_workers() -> int | None:
-    """Number of jobs the joblib launcher runs at once, or None under another launcher."""
+def _cores_per_job() -> int | None:
+    """The CPU cores one job may use under a launcher that runs jobs side by side: joblib's share of this machine
+    (cores / n_jobs); what a cluster launcher reserves for each job (Ray: num_cpus; submitit: cpus_per_task, when
+    set); else None."""
     from hydra.core.hydra_config import HydraConfig
     if not HydraConfig.initialized():
         return None
     launcher = HydraConfig.get().launcher
-    if "joblib" not in str(launcher.get("_target_", "")):
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target:
+        n, cores = launcher.get("n_jobs") or -1, _cores()
+        workers = max(1, n if n > 0 else cores + 1 + n)  # joblib: -1 = all cores, -2 = all but one, ...
+        return max(1, cores // workers)
+    if "bench_ray_launcher" in target:
+        reserved = launcher.get("num_cpus")
+    elif "submitit" in target:
+        reserved = launcher.get("cpus_per_task")
+    else:
         return None
-    n, cores = launcher.get("n_jobs") or -1, _cores()
-    return max(1, n if n > 0 else cores + 1 + n)  # joblib: -1 = all cores, -2 = all but one, ...
+    return max(1, int(reserved)) if reserved else None
 
 
 def _cores() -> int:
@@ -42,10 +52,10 @@ def _cores() -> int:
 
 
 def _limit_threads(cfg) -> None:
-    """Parallel workers share the cores: workers x torch threads <= cores, unless train.threads is set."""
-    workers = _parallel_workers()
-    if workers and cfg.train.threads is None:
-        cfg.train.threads = max(1, _cores() // workers)
+    """Jobs side by side share the cores: each gets its share as torch threads, unless train.threads is set."""
+    cores = _cores_per_job()
+    if cores and cfg.train.threads is None:
+        cfg.train.threads = cores
 
 
 def _skip_if_finished(cfg, tracker, out_dir: Path):
@@ -61,13 +71,14 @@ def _skip_if_finished(cfg, tracker, out_dir: Path):
 
 def execute(cfg, out_dir: Path):
     """Run one composed job; never raises for a failed run (its result.json and MLflow status say FAILED).
-    Raises faults.Interrupted when SIGINT/SIGTERM stopped it (the run is KILLED; the multirun should stop)."""
+    Raises faults.Interrupted when SIGINT/SIGTERM/SIGUSR2 stopped it (the run is KILLED; the multirun should stop)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "result.json").unlink(missing_ok=True)  # a job folder used again must not report an old result
+    validated = was_validated(cfg)  # the command's pre-check validated its jobs (as composed: before _limit_threads)
     _limit_threads(cfg)
     try:
-        if not was_validated(cfg):  # the command's pre-check validated its jobs; anything else is checked here
+        if not validated:  # anything the pre-check did not validate is checked here
             validate(cfg)  # bad input: one line, no MLflow run left behind
         OmegaConf.resolve(cfg)
         tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
@@ -101,7 +112,7 @@ def execute(cfg, out_dir: Path):
 
 def run_in_worker(cfg, out_dir: Path, tracker, run_id: str, worker_args: tuple[str, ...] = ()):
     """Run the open MLflow run `run_id` in a fresh worker process (bench/orchestration/launch.py) and wait for it,
-    forwarding SIGINT/SIGTERM. Returns its Result (a worker that died leaves its run FAILED, or KILLED when a
+    forwarding SIGINT/SIGTERM/SIGUSR2. Returns its Result (a worker that died leaves its run FAILED, or KILLED when a
     signal stopped it) and the signal that stopped it, if any. worker_args: more arguments for the worker's main."""
     config_path = out_dir / "config.yaml"
     config_path.write_text(OmegaConf.to_yaml(cfg))
@@ -122,4 +133,5 @@ def run_in_worker(cfg, out_dir: Path, tracker, run_id: str, worker_args: tuple[s
         tracker.end(run_id, status, reason)
         result = Result(name=run_name(cfg), status=status, run_id=run_id, error=reason)
         result.write(out_dir)
+    faults.hand_on(caught)  # SIGUSR2: to the handler this process had (under submitit: requeue the job)
     return result, signum

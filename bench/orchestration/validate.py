@@ -282,6 +282,26 @@ def _hydra_error_line(e) -> str:
     return line
 
 
+# hydra/launcher choices of the `cluster` extra (README: Scaling out) -> (the module each needs, its distribution)
+CLUSTER_LAUNCHERS = {"submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+                     "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+                     "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+                     "ray": ("ray", "ray")}
+
+
+def launcher_error(overrides: list[str]) -> str | None:
+    """A cluster launcher chosen without its package installed: the line that names the extra installing it."""
+    import importlib.util
+    for o in overrides:
+        key, _, name = o.lstrip("+").partition("=")
+        if key == "hydra/launcher" and name in CLUSTER_LAUNCHERS:
+            module, dist = CLUSTER_LAUNCHERS[name]
+            if importlib.util.find_spec(module) is None:
+                return (f"hydra/launcher={name}: needs {dist}, which is not installed; valid: "
+                        "pip install -e '.[cluster]' (installs it), or hydra/launcher=basic / joblib")
+    return None
+
+
 def _check_command(overrides: list[str], multirun: bool) -> list[str] | None:
     checked = check_jobs(overrides, multirun)
     if checked is None:
@@ -302,6 +322,9 @@ def check_jobs(overrides: list[str], multirun: bool, **checks) -> tuple[list[tup
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    missing = launcher_error(overrides)
+    if missing:
+        return [missing]
     if any(o.split("=", 1)[0].lstrip("+~") in ("hydra/sweeper",) for o in overrides):
         return None
     from bench import CONF_DIR
