@@ -324,7 +324,7 @@ def check_jobs(overrides: list[str], multirun: bool, **checks) -> tuple[list[tup
 
     missing = launcher_error(overrides)
     if missing:
-        return [missing]
+        return [], [missing]
     if any(o.split("=", 1)[0].lstrip("+~") in ("hydra/sweeper",) for o in overrides):
         return None
     from bench import CONF_DIR
