@@ -12,6 +12,7 @@ from tests.conftest import compose
 @pytest.mark.slow
 def test_lora_on_real_minilm_trec_beats_majority_class_by_far(tmp_path):
     cfg = compose("method=lora", "train.max_steps=200", "train.eval_every=null", "train.isolate=false",
+                  "forgetting=false", "deploy.latency=false", "deploy.merged_test=false",   # learning only
                   "device=cpu", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
     result = run_job(cfg, tmp_path / "job")
     from bench.core import tasks

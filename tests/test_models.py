@@ -25,6 +25,7 @@ def test_minilm_loads_pretrained_from_its_package():
 def test_smollm2_gguf_trains_as_a_classifier_with_lora(tmp_path):
     cfg = compose("model=smollm2", "method=lora", "train.max_steps=4", "train.batch_size=8", "train.eval_every=null",
                   "task.max_train_samples=64", "task.max_eval_samples=16", "task.max_test_samples=16", "train.isolate=false", "device=cpu",
+                  "forgetting=false", "deploy.latency=false", "deploy.merged_test=false",   # loading and counts only
                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
     result = run_job(cfg, tmp_path / "job")
     assert result.status == "FINISHED"
