@@ -179,7 +179,8 @@ def test_two_sweep_hosts_and_a_multirun_survive_a_sigkilled_worker(stack, server
 
 
 @pytest.mark.slow  # ~35 s: two multiruns of two tiny runs each against the server
-def test_multirun_twice_against_the_server_skips_every_finished_run(stack, server_args, tmp_path):
+def test_multirun_twice_against_the_server_skips_every_finished_run(stack, server_args, tmp_path, monkeypatch,
+                                                                     capsys):
     overrides, experiment = server_args
     cmd = [sys.executable, "-m", "bench", "seed=0,1", *overrides, "train.isolate=false", "-m"]
     first = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
@@ -195,7 +196,11 @@ def test_multirun_twice_against_the_server_skips_every_finished_run(stack, serve
     from bench.report import runs as report_runs
     key = lambda r: r.run_id  # noqa: E731
     records = sorted(report_runs.read_runs(stack.db_url("mlflow"), [experiment]), key=key)
+    capsys.readouterr()
+    monkeypatch.setattr(report_runs, "SLOW_READ_S", 0.0)   # every REST read counts as slow: it names the direct one
     assert records == sorted(report_runs.read_runs(stack.tracking_uri, [experiment]), key=key)
+    slow = capsys.readouterr().err
+    assert slow.startswith("read 2 runs through the server's REST API in ") and "--store-uri postgresql://" in slow
     # and each run's predictions, from the server's artifact folder (--artifacts-root) as through the server
     from bench.report.predictions import Reader
     local, served = Reader(stack.tracking_uri, str(stack.path / "artifacts")), Reader(stack.tracking_uri)
