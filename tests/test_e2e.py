@@ -89,6 +89,7 @@ def test_in_process_run_logs_everything_and_failure_is_marked(tiny_overrides, tm
     assert len(failed) == 1 and "at step" in failed[0].data.tags["error"]
 
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_multirun_flag_between_overrides(tiny_overrides, tmp_path):
     """`python -m bench seed=0,1 -m <overrides>`: -m between overrides runs both jobs (issue 10; -m last: the slow
     tests above and in test_reliability.py; every order of flags and overrides: test_reliability.py)."""

@@ -37,6 +37,7 @@ def _numbers_bumped(method_cfg) -> list[str]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in methods.HARNESS_KEYS]
 
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_peft_method_yamls_name_each_knob_once_and_peft_gets_it():
     """No key twice in a peft method YAML (no `peft:` block, no key an alias of another); peft's config gets every
     knob through the one mapping (methods.PEFT_FIELDS), defaults and overrides alike (method.alpha=9 is lora_alpha)."""

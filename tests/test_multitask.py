@@ -51,6 +51,7 @@ def train(tmp_path, name: str, *overrides: str):
     return multitask.Adapter(cfg, out / "ckpt"), pipeline.run(cfg, out, CPU, NoLog())
 
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_switching_gives_each_task_its_single_adapter_predictions_exactly(tiny_bert_dir, toy_csv, two_class_csv,
                                                                           tmp_path, monkeypatch):
     """Three LoRA adapters (3, 2 and 2 classes) on one tiny BERT: after set_adapter each task's test predictions are
@@ -91,6 +92,7 @@ def test_switching_gives_each_task_its_single_adapter_predictions_exactly(tiny_b
     assert wrong.task_tags["colors2b"]["multitask.max_abs_logit_diff"] == "0"
 
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_generative_adapters_switch_exactly_and_mix_in_one_batch(tiny_llama_dir, instruct_files, tmp_path):  # noqa: F811
     """Two LoRA adapters on one tiny Llama LM: switched generations and teacher-forced logits equal each adapter
     alone; a batch mixing both adapters (adapter_names=) equals each row under its own adapter."""

@@ -301,6 +301,7 @@ def _plan_cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_cli_plans_several_methods_with_a_budget_as_json_and_markdown(tiny_bert_dir, toy_csv, tmp_path):
     out = tmp_path / "plan.json"
     common = ["model=hf", f"model.name_or_path={tiny_bert_dir}", "task=local", f"task.path={toy_csv}"]

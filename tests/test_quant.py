@@ -160,7 +160,9 @@ def test_quantized_lora_trains_evaluates_and_trains_again_on_cpu_minilm(quant, l
         seen["packed"] += [is_packed(m) for m in loaded[0][0].modules() if isinstance(m, bnb.nn.Linear4bit)]
 
     cfg = compose("method=lora", f"quant={quant}", "train.max_steps=40", "train.eval_every=20",
-                  "task.max_train_samples=640", "task.max_eval_samples=100", "train.isolate=false", "device=cpu",
+                  "task.max_train_samples=640", "task.max_eval_samples=100", "task.max_test_samples=100",
+                  "forgetting=false", "deploy.latency=false", "deploy.merged_test=false",   # not this test's subject
+                  "train.isolate=false", "device=cpu",
                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
     result = run_job(cfg, tmp_path / "job", on_eval=check)
     assert result.status == "FINISHED"

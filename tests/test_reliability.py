@@ -104,6 +104,7 @@ def test_sigkill_mid_multirun_then_rerun_finishes_every_run_once(cli, tmp_path):
 
 # --- a worker killed by the OS; SIGTERM -------------------------------------------------------------------------
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_killed_worker_fails_its_run_and_sigterm_stops_the_multirun(cli, tmp_path):
     argv, uri = cli
     proc = subprocess.Popen([*argv, "seed=0,1,2", "train.max_steps=100000", "-m"], cwd=tmp_path,
@@ -143,6 +144,7 @@ def test_sigterm_in_process_run_is_killed(tiny_overrides, tmp_path, monkeypatch)
 
 # --- failures stay with their run ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_nan_loss_and_out_of_memory_fail_their_run_not_the_multirun(tiny_overrides, tmp_path, monkeypatch):
     uri = compose(*tiny_overrides).tracking.uri
     nan = execute(compose(*tiny_overrides, "train.lr=1e12", "train.max_grad_norm=1e12"), tmp_path / "nan")
@@ -187,6 +189,7 @@ def test_run_key_covers_what_changes_the_result(tiny_overrides, toy_csv, tmp_pat
     assert resume.run_key(compose(*tiny_overrides, f"task.path={edited}")) != base
 
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_finished_run_is_skipped_and_rerun_forces_it(tiny_overrides, tmp_path, capsys):
     tiny_overrides = [*tiny_overrides, "train.max_steps=10"]
     uri = compose(*tiny_overrides).tracking.uri
@@ -333,6 +336,7 @@ for i in range(n):
 """
 
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_store_takes_4_processes_writing_at_once(tmp_path):
     """The write pattern of a run (open, params, metrics, tags, close) from 4 processes at once on a new store."""
     uri, n = f"sqlite:///{tmp_path}/mlflow.db", 8
@@ -396,7 +400,8 @@ def test_warm_forked_workers_keep_memory_figures_per_job(tmp_path):
     """MiniLM: `head` after `full` in one multirun peaks where `head` alone does (each job a fresh fork of the
     template), while in one process (train.isolate=false) the same `head` run inherits full's high-water mark."""
     short = ["train.max_steps=2", "train.eval_every=null", "task.max_train_samples=32", "task.max_eval_samples=16",
-             "task.max_test_samples=16", "train.threads=1", "device=cpu"]
+             "task.max_test_samples=16", "train.threads=1", "device=cpu", "forgetting=false", "deploy.latency=false",
+             "deploy.merged_test=false"]   # peak train memory is measured before any of these
 
     def peaks(name: str, methods: str, *extra: str) -> dict[str, float]:
         uri = f"sqlite:///{tmp_path}/{name}.db"

@@ -90,6 +90,7 @@ def test_shipped_sweep_files_load_and_match_the_config():
     assert len(pairs) == 24 and (8, 16) in pairs and (2, 1) in pairs and (64, 256) in pairs
 
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_sweep_runs_n_trials_nested_under_one_parent_run(sweep_args, tmp_path):
     assert main([str(LORA), "--trials", "3", *sweep_args, *SHORT]) == 0
 
@@ -144,6 +145,7 @@ def test_sweep_runs_n_trials_nested_under_one_parent_run(sweep_args, tmp_path):
     assert len(parents) == 1 and len(trials) == 3
 
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_killed_sweep_resumes_to_exactly_n_finished_trials(sweep_args, tmp_path):
     cmd = [sys.executable, "-m", "bench.sweep", str(LORA), "--trials", "4", *sweep_args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -233,6 +235,7 @@ def test_pruner_stops_a_clearly_worse_trial(sweep_args, tmp_path):
     assert pruned_run.data.tags["pruned_at_step"] == str(bad.user_attrs["pruned_at_step"])
 
 
+@pytest.mark.slow  # a whole command or several runs: kept out of the fast subset
 def test_two_workers_share_one_study(sweep_args, tmp_path):
     assert main([str(LORA), "--trials", "4", "--workers", "2", *sweep_args, *SHORT]) == 0
 
