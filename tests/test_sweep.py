@@ -63,6 +63,26 @@ def write_sweep(tmp_path: Path, name: str, **doc) -> Path:
     return path
 
 
+@pytest.mark.parametrize("space, derived, message", [
+    ({"method.rank": {"type": "categorical", "choices": [4, 8]}}, None,
+     "search_space.method.rank: not a key of the run's config and not used in derived; valid: a key such as "
+     "method.r"),
+    ({"method.r": {"type": "categorical", "choices": [4, 8]}}, {"method.alfa": "method.r * 2"},
+     "derived.method.alfa: not a key of the run's config"),
+    ({"method.r": {"type": "categorical", "choices": [4, 8]}, "method.alpha": {"type": "categorical",
+                                                                             "choices": [8]}},
+     {"method.alpha": "method.r * 2"}, "derived.method.alpha: is also in search_space; keep it in one place"),
+])
+def test_a_sweep_file_naming_no_config_key_is_one_line(tmp_path, space, derived, message):
+    """The sweep file's check of its names against the composed config (the same function as a method YAML's
+    search block, bench/sweep/spec.py check_names, spelt with the file's own block names)."""
+    path = write_sweep(tmp_path, "bad", search_space=space, **({"derived": derived} if derived else {}))
+    sweep = spec.load(path)
+    with pytest.raises(BenchError) as e:
+        spec.check_keys(sweep, compose(sweep.overrides))
+    assert str(e.value).startswith(f"{path}: {message}"), str(e.value)
+
+
 def grid_seed_putting_first(space: dict, first: dict) -> int:
     """A GridSampler seed whose first trial takes `first` (GridSampler visits its grid in a seeded order)."""
     dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}

@@ -77,17 +77,6 @@ def check(choice: str, cfg) -> Search:
 def _check_names(where: str, cfg, dists: dict, factors: dict) -> list[str]:
     """Searched names are config keys of the run or feed `derived`; derived targets are config keys. Returns the
     config keys a trial sets."""
-    def exists(key: str) -> bool:
-        return OmegaConf.select(cfg, key, default="<missing>") != "<missing>"
-
-    feeds = {f for fs in factors.values() for f in fs if isinstance(f, str)}
-    for name in dists:
-        if not exists(name) and name not in feeds:
-            raise BenchError(f"{where}: search.space.{name}: not a key of the run's config and not used in "
-                             f"search.derived; valid: a method.* or train.* key of this method (e.g. {LR})")
-    for key in factors:
-        if not exists(key):
-            raise BenchError(f"{where}: search.derived.{key}: not a key of the run's config")
-        if key in dists:
-            raise BenchError(f"{where}: search.derived.{key}: is also in search.space; keep it in one place")
-    return [name for name in dists if exists(name)] + list(factors)
+    helpers = spec.check_names(where, "search.space.", "search.derived.", list(dists), factors, cfg,
+                          f"a method.* or train.* key of this method (e.g. {LR})")
+    return [name for name in dists if name not in helpers] + list(factors)

@@ -350,24 +350,33 @@ def load(path: str | Path) -> Sweep:
                  importance=_importance(path, doc))
 
 
-def check_keys(sweep: Sweep, config) -> None:
-    """Against the composed base config: searched names must be config keys or feed `derived`, derived
-    targets must be config keys, plot axes must be set by the trials."""
+def check_names(where: str, space: str, derived: str, names, factors: dict, config, valid: str) -> set[str]:
+    """Searched `names` must be keys of `config` or feed a `factors` formula; derived targets must be keys and not
+    searched too. `space` and `derived` are how the file spells the two blocks (a sweep file's `search_space.` /
+    `derived.`, a method YAML's `search.space.` / `search.derived.`). Returns the helper names (searched, not keys)."""
     def exists(key: str) -> bool:
         return OmegaConf.select(config, key, default="<missing>") != "<missing>"
 
-    feeds = {f for factors in sweep.derived.values() for f in factors if isinstance(f, str)}
-    sweep.helpers = {name for name in sweep.space if not exists(name)}
-    for name in sweep.helpers:
-        if name not in feeds:
-            raise BenchError(f"{sweep.path}: search_space.{name}: not a key of the composed config and not used "
-                             f"in derived (misspelt? e.g. method.r, method.alpha, train.lr, "
-                             f"method.reduction_factor, method.num_virtual_tokens)")
-    for key in sweep.derived:
+    feeds = {f for fs in factors.values() for f in fs if isinstance(f, str)}
+    helpers = {name for name in names if not exists(name)}
+    for name in names:
+        if name in helpers and name not in feeds:
+            raise BenchError(f"{where}: {space}{name}: not a key of the run's config and not used in "
+                             f"{derived.rstrip('.')}; valid: {valid}")
+    for key in factors:
         if not exists(key):
-            raise BenchError(f"{sweep.path}: derived.{key}: not a key of the composed config")
-        if key in sweep.space:
-            raise BenchError(f"{sweep.path}: derived.{key}: is also in search_space; keep it in one place")
+            raise BenchError(f"{where}: {derived}{key}: not a key of the run's config")
+        if key in names:
+            raise BenchError(f"{where}: {derived}{key}: is also in {space.rstrip('.')}; keep it in one place")
+    return helpers
+
+
+def check_keys(sweep: Sweep, config) -> None:
+    """Against the composed base config: searched names must be config keys or feed `derived`, derived
+    targets must be config keys, plot axes must be set by the trials."""
+    sweep.helpers = check_names(sweep.path, "search_space.", "derived.", sweep.space, sweep.derived, config,
+                                "a key such as method.r, method.alpha, train.lr, method.reduction_factor, "
+                                "method.num_virtual_tokens")
     searched = sweep.searched_keys
     for axis in ("x", "y"):
         if axis in sweep.plot and sweep.plot[axis] not in searched:
