@@ -56,10 +56,15 @@ def process_tags(role: str = "owner") -> dict[str, str]:
             f"{role}.started": procs.start_time()}
 
 
+def _held_here(tags: dict[str, str]) -> bool:
+    """The run was opened by a process of this host: its pids can be checked."""
+    return "owner.pid" in tags and tags.get("owner.host") == socket.gethostname()
+
+
 def holder_alive(tags: dict[str, str], now: float | None = None) -> bool | None:
     """Whether a process that holds the run still lives. On the holder's host: its pids (at once); anywhere: a
     heartbeat at most heartbeat.ORPHAN_AFTER_S old. None: nobody can tell (no heartbeat, another host)."""
-    if "owner.pid" in tags and tags.get("owner.host") == socket.gethostname():
+    if _held_here(tags):
         return any(procs.alive(tags.get(f"{role}.pid"), tags.get(f"{role}.started")) for role in ("owner", "worker"))
     age = heartbeat.age_s(tags, now)
     return None if age is None else age <= heartbeat.ORPHAN_AFTER_S
@@ -71,7 +76,7 @@ def orphaned(tags: dict[str, str], now: float | None = None) -> tuple[str, str] 
     if holder_alive(tags, now) is not False:
         return None
     host = tags.get("owner.host", "?")
-    if "owner.pid" in tags and host == socket.gethostname():
+    if _held_here(tags):
         pid = tags["owner.pid"]
         return (f"orphaned: process {pid} on {host} ended without closing the run (SIGKILL, crash or power loss)",
                 f"left RUNNING by process {pid}, which is gone")

@@ -17,11 +17,12 @@ from rich.markup import escape
 from bench.errors import BenchError
 from bench.orchestration import heartbeat
 from bench.orchestration.resume import process_tags
+from bench.fmt import redact_url
 from bench.report import sweep_outputs
 from bench.report.sweeps import objectives_tag
 from bench.sweep import spec
 from bench.sweep.storage import (GRACE_S, HEARTBEAT_S, SweepLock, default_storage, finished_count, open_or_create,
-                                 redact, trial_counts)
+                                 trial_counts)
 from bench.sweep.study import Job, compose, console, work, worker_entry
 
 
@@ -70,7 +71,7 @@ def parent_run(tracker, sweep, job: Job, definition: dict) -> str:
     """The study's parent MLflow run: found by its tags when resuming, else created. Call under the sweep lock."""
     found = tracker.client.search_runs(
         [tracker.experiment_id], filter_string=f"tags.study = '{job.study}' AND tags.sweep_role = 'parent' AND "
-                                               f"tags.optuna_storage = '{redact(job.storage)}'", max_results=1)
+                                               f"tags.optuna_storage = '{redact_url(job.storage)}'", max_results=1)
     holder = process_tags("owner")   # this process holds the parent run now (bench/orchestration/resume.py: orphans)
     if found:
         run_id = found[0].info.run_id
@@ -78,7 +79,7 @@ def parent_run(tracker, sweep, job: Job, definition: dict) -> str:
         tracker.set_tags(run_id, {"status": "RUNNING", **holder})
         return run_id
     run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep-{job.study}", tags={
-        "study": job.study, "sweep_role": "parent", "optuna_storage": redact(job.storage), "sweep_file": str(sweep.path),
+        "study": job.study, "sweep_role": "parent", "optuna_storage": redact_url(job.storage), "sweep_file": str(sweep.path),
         "objective": sweep.metric, "direction": sweep.direction, "status": "RUNNING", **holder,
         **({"objectives": objectives_tag(sweep.objectives)} if sweep.multi else {})})
     run_id = run.info.run_id
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
     counts = trial_counts(study)
     done = finished_count(counts)
     console.print(escape(f"study {job.study} ({'new' if created else f'resumed: {done} finished'}) in "
-                         f"{redact(job.storage)}; "
+                         f"{redact_url(job.storage)}; "
                          f"target {job.trials} finished trials, {job.workers} worker(s); MLflow parent run "
                          f"{job.parent_run_id} in {base.tracking.uri} (experiment {base.tracking.experiment!r})"))
     status, code = "FINISHED", 0

@@ -49,7 +49,6 @@ def is_database(storage: str) -> bool:
     return "://" in storage
 
 
-redact = redact_url   # the storage as it may be printed or tagged: a password in a URL becomes ***
 
 
 def default_storage(tracking_uri: str) -> str:
@@ -71,7 +70,7 @@ def open_storage(storage: str, heartbeat: tuple[int, int] | None = None, on_stal
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(sqlalchemy_url(storage), **kwargs)
         except Exception as e:   # unreachable server, wrong password, missing driver: one line
-            raise BenchError(f"--storage {redact(storage)}: cannot open it: {str(e).strip().splitlines()[0]}") from None
+            raise BenchError(f"--storage {redact_url(storage)}: cannot open it: {str(e).strip().splitlines()[0]}") from None
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +109,7 @@ class SweepLock:
                                                  connect_timeout=30)
                 self._conn.execute("SELECT pg_advisory_lock(%s)", (self._advisory_key(),))
             except psycopg.Error as e:
-                raise BenchError(f"--storage {redact(self.storage)}: cannot lock the study: "
+                raise BenchError(f"--storage {redact_url(self.storage)}: cannot lock the study: "
                                  f"{str(e).strip().splitlines()[0]}") from None
         else:
             self._file.acquire()
@@ -183,7 +182,7 @@ def open_or_create(name: str, storage: str, sweep, cli_overrides: list[str]) -> 
     if study.user_attrs.get("fingerprint") != fingerprint:
         old = study.user_attrs.get("definition") or {}
         diff = [k for k in definition if old.get(k) != definition[k]] or ["definition"]
-        raise BenchError(f"--study {name}: the study in {redact(storage)} was made from a different sweep "
+        raise BenchError(f"--study {name}: the study in {redact_url(storage)} was made from a different sweep "
                          f"({', '.join(diff)} differ: {old.get(diff[0])!r} then, {definition.get(diff[0])!r} now); "
                          f"rerun with the same file and overrides to resume it, or pass --study NEW_NAME")
     return study, False
