@@ -15,9 +15,9 @@ import optuna
 from rich.markup import escape
 
 from bench.errors import BenchError
+from bench.fmt import redact_url
 from bench.orchestration import heartbeat
 from bench.orchestration.resume import process_tags
-from bench.fmt import redact_url
 from bench.report import sweep_outputs
 from bench.report.sweeps import objectives_tag
 from bench.sweep import spec
