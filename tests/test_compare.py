@@ -213,6 +213,20 @@ def test_bad_compare_input_is_one_line_exit_2_and_no_run(args, message, tmp_path
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.journal").exists()
 
 
+def test_compare_refuses_a_name_whose_report_is_another_report(tmp_path, capsys, monkeypatch):
+    """reports/<name>.md written by `python -m bench.report` (no tuned comparison of this campaign) is not
+    overwritten: one line, exit 2, nothing started."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "trec-minilm.md").write_text("# peft-bench report\n\n## Method selection\n")
+    code = compare.main(["method=lora", "--trials", "2", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert err.startswith("error: --name trec-minilm: reports/trec-minilm.md is another report"), err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "reports" / "trec-minilm").exists()
+    assert (tmp_path / "reports" / "trec-minilm.md").read_text().startswith("# peft-bench report")
+
+
 def test_compare_sweep_files_give_every_method_the_same_budget_and_named_settings():
     docs = {m: compare.sweep_doc("c", m, search.check(m, compose(f"method={m}")), 12,
                                  [{"metric": M.VAL_ACCURACY, "direction": "maximize"}]) for m in ("lora", "ia3")}

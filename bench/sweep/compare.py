@@ -207,6 +207,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = a.name or f"{base.task.name}-{base.model.name}"
+    report = Path(a.reports) / f"{name}.md"
+    if report.is_file() and f"### Campaign `{name}`" not in report.read_text(errors="replace"):
+        print(f"error: --name {name}: {report} is another report (no tuned comparison of campaign {name}), which "
+              "this campaign's report would overwrite; valid: another --name or --reports", file=sys.stderr)
+        return 2
     storage = a.storage or default_storage(base.tracking.uri)
     seeds = [base.seed + i for i in range(1, a.seeds + 1)]
     folder = Path(a.reports) / name
