@@ -15,6 +15,15 @@ CONF = ROOT / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """An in-process run with train.threads=N sets torch's threads process-wide (as a job's worker should): restore
+    them after each test, or every later test in the session trains on N threads (SmolLM2's test took 2x)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def compose(*overrides: str):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
@@ -56,7 +65,7 @@ def toy_csv(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_overrides(tiny_bert_dir, toy_csv, tmp_path) -> list[str]:
     """Overrides for a fast in-process run: tiny random-init BERT on the toy data, store in tmp_path."""
-    return [f"model=hf", f"model.name_or_path={tiny_bert_dir}", "task=local", f"task.path={toy_csv}",
+    return ["model=hf", f"model.name_or_path={tiny_bert_dir}", "task=local", f"task.path={toy_csv}",
             "train.max_steps=60", "train.eval_every=30", "train.log_every=5", "train.batch_size=16",
             "train.isolate=false", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "device=cpu"]
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from scipy import stats
@@ -35,10 +34,9 @@ EXPERIMENT = "peft-bench"
 
 @pytest.fixture
 def one_thread():
-    """Real runs on one torch thread: on a busy 2-core machine two spinning threads make a tiny run ~10x slower."""
-    before = torch.get_num_threads()
-    yield ["train.threads=1"]
-    torch.set_num_threads(before)  # run_job() sets it process-wide
+    """Real runs on one torch thread: on a busy 2-core machine two spinning threads make a tiny run ~10x slower
+    (conftest's _torch_threads restores the count afterwards)."""
+    return ["train.threads=1"]
 
 
 def _sha(path: Path) -> str:
