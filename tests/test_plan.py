@@ -389,7 +389,7 @@ def calibrate(folder, methods, models=CALIBRATION, skip=()) -> dict:
                  f"task.validation_path={files['small']}", f"task.test_path={files['small']}", f"train.batch_size={b}",
                  "train.max_steps=3", "train.eval_every=null", "forgetting=false", "deploy.latency=false",
                  "deploy.merged_test=false", f"tracking.uri={store}", "tracking.experiment=calibration",
-                 f"method={','.join(chosen)}", "-m"], capture_output=True, text=True, cwd=ROOT)
+                 f"method={','.join(chosen)}", "-m"], capture_output=True, text=True, cwd=folder)
             assert r.returncode == 0, r.stderr[-2000:]
     client = MlflowClient(tracking_uri=store)
     runs = client.search_runs([client.get_experiment_by_name("calibration").experiment_id])
