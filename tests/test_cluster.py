@@ -27,9 +27,6 @@ from tests.conftest import ROOT
 from tests.test_reliability import cli, runs, wait_for  # noqa: F401 (cli: the fixture)
 
 
-pytestmark = pytest.mark.xdist_group("cluster")   # one worker runs this file's tests, in order
-
-
 def needs(module: str) -> None:
     """Skip without the cluster extra; under CI (which installs it) fail instead, so the tests never skip there."""
     if importlib.util.find_spec(module) is None:

@@ -32,9 +32,6 @@ LORA = ROOT / "sweeps" / "lora_rank_alpha.yaml"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-pytestmark = pytest.mark.xdist_group("stack")   # one worker runs this file's tests in order, around one stack
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
