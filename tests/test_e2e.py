@@ -20,7 +20,7 @@ METRICS = list(M.run_names("classification"))   # every metric a finished CPU cl
 TAGS = ["method", "model", "task", "quant", "seed", "status", "git_commit", "version.torch",
         "version.transformers", "version.peft", "version.bitsandbytes", "device_name", "torch_threads"]
 SHORT = ["train.max_steps=12", "train.eval_every=6", "train.log_every=3", "task.max_train_samples=256",
-         "task.max_eval_samples=64", "task.max_test_samples=64"]
+         "task.max_eval_samples=64", "task.max_test_samples=64", "deploy.repeats=3"]
 
 
 def runs(uri: str):
