@@ -32,11 +32,9 @@ from tests.conftest import ROOT, compose
 EXPERIMENT = "peft-bench"
 
 
-@pytest.fixture
-def one_thread():
-    """Real runs on one torch thread: on a busy 2-core machine two spinning threads make a tiny run ~10x slower
-    (conftest's _torch_threads restores the count afterwards)."""
-    return ["train.threads=1"]
+# Real runs on one torch thread: on a busy 2-core machine two spinning threads make a tiny run ~10x slower
+# (conftest's _torch_threads restores the count afterwards)
+ONE_THREAD = ["train.threads=1"]
 
 
 def _sha(path: Path) -> str:
@@ -54,10 +52,10 @@ def _row(md: str, label: str) -> list[str]:
 
 # --- real runs ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_report_from_real_tiny_runs(tiny_overrides, one_thread, tmp_path):
+def test_report_from_real_tiny_runs(tiny_overrides, tmp_path):
     """Tiny random-init BERT on the toy data: full, lora, ia3 × seeds 0, 1; one FAILED run (NaN loss); two sweep
     trials of a study. Checks the tables, deltas, failures, sweeps, determinism, and that the store is untouched."""
-    tiny_overrides = tiny_overrides + one_thread
+    tiny_overrides = tiny_overrides + ONE_THREAD
     uri = compose(*tiny_overrides).tracking.uri
     for method in ("full", "lora", "ia3"):
         for seed in (0, 1):

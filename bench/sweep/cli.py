@@ -79,8 +79,9 @@ def parent_run(tracker, sweep, job: Job, definition: dict) -> str:
         tracker.set_tags(run_id, {"status": "RUNNING", **holder})
         return run_id
     run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep-{job.study}", tags={
-        "study": job.study, "sweep_role": "parent", "optuna_storage": redact_url(job.storage), "sweep_file": str(sweep.path),
-        "objective": sweep.metric, "direction": sweep.direction, "status": "RUNNING", **holder,
+        "study": job.study, "sweep_role": "parent", "optuna_storage": redact_url(job.storage),
+        "sweep_file": str(sweep.path), "objective": sweep.metric, "direction": sweep.direction, "status": "RUNNING",
+        **holder,
         **({"objectives": objectives_tag(sweep.objectives)} if sweep.multi else {})})
     run_id = run.info.run_id
     tracker.log_json(run_id, definition, "sweep_definition.json")

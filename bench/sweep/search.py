@@ -78,5 +78,5 @@ def _check_names(where: str, cfg, dists: dict, factors: dict) -> list[str]:
     """Searched names are config keys of the run or feed `derived`; derived targets are config keys. Returns the
     config keys a trial sets."""
     helpers = spec.check_names(where, "search.space.", "search.derived.", list(dists), factors, cfg,
-                          f"a method.* or train.* key of this method (e.g. {LR})")
+                               f"a method.* or train.* key of this method (e.g. {LR})")
     return [name for name in dists if name not in helpers] + list(factors)

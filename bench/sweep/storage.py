@@ -49,8 +49,6 @@ def is_database(storage: str) -> bool:
     return "://" in storage
 
 
-
-
 def default_storage(tracking_uri: str) -> str:
     """The journal file beside the MLflow store (sqlite:///dir/mlflow.db -> dir/optuna.journal); else cwd."""
     if tracking_uri.startswith("sqlite:///"):
@@ -70,7 +68,8 @@ def open_storage(storage: str, heartbeat: tuple[int, int] | None = None, on_stal
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(sqlalchemy_url(storage), **kwargs)
         except Exception as e:   # unreachable server, wrong password, missing driver: one line
-            raise BenchError(f"--storage {redact_url(storage)}: cannot open it: {str(e).strip().splitlines()[0]}") from None
+            raise BenchError(f"--storage {redact_url(storage)}: cannot open it: "
+                             f"{str(e).strip().splitlines()[0]}") from None
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
